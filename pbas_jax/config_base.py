@@ -1,0 +1,70 @@
+"""Defaults shared by every `configs/*.py` file: the settings of the published runs.
+
+`configs/<dataset>.py` files start from `base_config()` and change only what differs. Every key a
+user may override is declared here, so a misspelled override fails (the ConfigDict is locked by
+`ml_collections.config_flags`).
+"""
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+
+  c.dataset = ml_collections.ConfigDict()
+  c.dataset.name = "mvtec"          # mvtec | visa | mpdd | folder | demo
+  c.dataset.root = ""               # raw data (manual dir); required except for `demo`
+  c.dataset.classes = ""            # comma-separated; "" = all classes of the dataset
+  c.dataset.data_dir = ""           # where prepared TFDS datasets go; "" = <workdir>/../tfds
+  c.dataset.image_size = 288        # center-crop size
+  c.dataset.resize = 288            # shorter side before the crop (toothbrush/wood rule applies)
+  c.dataset.mask_mode = "reference" # reference | binary (nearest-neighbour, > 0)
+  c.dataset.subsample = 1.0         # fraction of the training set kept (Table VII)
+  c.dataset.batch_size = 8
+
+  c.backbone = ml_collections.ConfigDict()
+  c.backbone.name = "wide_resnet50_2"
+  c.backbone.weights = "IMAGENET1K_V1"  # a converted torchvision weight id, or "random"
+  c.backbone.seed = 0                   # seed of "random" weights
+  c.backbone.cache_dir = ""             # "" = $PBAS_JAX_CACHE or ~/.cache/pbas_jax
+  c.backbone.layers = ("layer2", "layer3")
+  c.backbone.patch_size = 3
+  c.backbone.pretrain_dim = 1536
+  c.backbone.target_dim = 1536
+
+  c.model = ml_collections.ConfigDict()
+  c.model.projector_layers = 1
+  c.model.disc_layers = 2
+  c.model.disc_hidden = 1024
+  c.model.center_init = "alignment" # alignment | average | iterative | kmeans
+  c.model.center_metric = "cosine"  # cosine | euclidean (matching during init and training)
+  c.model.center_ema = 0.1          # beta: weight of the new batch mean
+  c.model.kmeans_iters = 20
+  c.model.synthesis = "ray"         # ray (AFS) | gaussian (SimpleNet noise)
+  c.model.k = 0.25                  # anomaly degree alpha of Eq. 7 (reference code: 0.25)
+  c.model.noise_std = 0.015
+  c.model.scoring = "discriminator" # discriminator | center_distance (ABL alone)
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.lr = 1e-4
+  c.optim.dsc_lr = 2e-4
+  c.optim.proj_weight_decay = 1e-5  # coupled L2 (Adam)
+  c.optim.dsc_weight_decay = 1e-2   # decoupled (AdamW)
+
+  c.train = ml_collections.ConfigDict()
+  c.train.epochs = 640
+  c.train.seed = 0
+  c.train.cache_dtype = "float32"   # float32 | bfloat16 storage of cached features
+  c.train.cache_device = "auto"     # auto | device | host
+  c.train.checkpoint_every = 20
+  c.train.num_runs = 1              # >1: vmapped independent runs (seeds from train.seed upward)
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.every_epochs = 0           # 0 = only after the last epoch
+  c.eval.selection = "last"         # last | test_oracle (the reference's test-set selection)
+  c.eval.pro_variant = "standard"   # standard (MVTec AUPRO) | reference (authors' code)
+  c.eval.smoothing_sigma = 4.0
+  c.eval.heatmaps = 20              # heatmap panels written per class (0 = none, -1 = all)
+  c.eval.batch_size = 16
+  c.eval.only = False               # evaluate a trained model from the workdir, no training
+
+  return c
