@@ -68,3 +68,34 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.only = False               # evaluate a trained model from the workdir, no training
 
   return c
+
+
+def apply_preset(c: ml_collections.ConfigDict, preset: str | None) -> ml_collections.ConfigDict:
+  """Applies a named preset: `""` (published runs), `paper` (the paper's text) or `smoke`.
+
+  `paper`: 256x256 inputs, 400 epochs and alpha 0.3 as written in the paper.
+  `smoke`: tiny images, few epochs and a random-weight backbone, for tests and a first try; its numbers
+  mean nothing.
+  """
+  preset = (preset or "").strip()
+  if preset in ("", "reference"):
+    return c
+  if preset == "paper":
+    c.dataset.image_size = 256
+    c.dataset.resize = 256
+    c.train.epochs = 400
+    c.model.k = 0.3
+    return c
+  if preset == "smoke":
+    c.dataset.image_size = 64
+    c.dataset.resize = 64
+    c.backbone.weights = "random"
+    c.backbone.pretrain_dim = 256
+    c.backbone.target_dim = 256
+    c.model.disc_hidden = 128
+    c.train.epochs = 3
+    c.train.checkpoint_every = 1
+    c.eval.heatmaps = 4
+    return c
+  raise ValueError(f"unknown config preset {preset!r}: use one of '', 'paper', 'smoke' "
+                   "(e.g. --config=configs/mvtec.py:smoke)")
