@@ -131,6 +131,17 @@ def _region_weights(anomalous: np.ndarray, what: str) -> np.ndarray:
   return 1.0 / (area[region] * num_regions)
 
 
+def _sorted_with_tail_sums(values: np.ndarray,
+                           weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Values sorted ascending and `tail[i]` = summed weight at sorted positions >= i (len + 1).
+
+  `tail[searchsorted(sorted, t, side)]` is then the weight of values >= t ('left') or > t
+  ('right') for any threshold t.
+  """
+  order = np.argsort(values)
+  return values[order], np.r_[np.cumsum(weights[order][::-1])[::-1], 0.0]
+
+
 def _area_to(x: np.ndarray, y: np.ndarray, x_max: float) -> float:
   """Trapezoid area under the curve (x nondecreasing) from x[0] to x_max, interpolated at x_max."""
   keep = np.searchsorted(x, x_max, side="right")
@@ -166,11 +177,7 @@ def aupro(maps, masks, max_fpr: float = MAX_FPR) -> float:
   stop = np.searchsorted(fpr, max_fpr, side="right") + 1
   values, fpr = neg[last[:stop]], fpr[:stop]
 
-  pos = maps[anomalous]
-  order = np.argsort(pos)
-  pos = pos[order]
-  # above[i] = summed weight of anomalous pixels at sorted positions >= i.
-  above = np.r_[np.cumsum(weights[order][::-1])[::-1], 0.0]
+  pos, above = _sorted_with_tail_sums(maps[anomalous], weights)
   pro_ge = above[np.searchsorted(pos, values, side="left")]
   pro_gt = above[np.searchsorted(pos, values, side="right")]
 
@@ -206,10 +213,8 @@ def aupro_reference(maps, masks, num_thresholds: int = 200, max_fpr: float = MAX
   # dilate(score > t) == maxfilter(score) > t; 'nearest' padding never raises a window's maximum,
   # like cv2.dilate's default border.
   dilated = scipy.ndimage.maximum_filter(maps, size=(1, dilation, dilation), mode="nearest")
-  pos = dilated[anomalous]
-  order = np.argsort(pos)
-  above = np.r_[np.cumsum(weights[order][::-1])[::-1], 0.0]
-  pro = above[np.searchsorted(pos[order], thresholds, side="right")]
+  pos, above = _sorted_with_tail_sums(dilated[anomalous], weights)
+  pro = above[np.searchsorted(pos, thresholds, side="right")]
 
   keep = fpr < max_fpr
   fpr, pro = fpr[keep], pro[keep]
