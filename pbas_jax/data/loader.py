@@ -1,0 +1,177 @@
+"""Preprocessed access to a prepared class, and fixed-shape numpy batches.
+
+  source = load_split("mpdd", "/data/mpdd", "metal_plate", "test", data_dir="/data/tfds")
+  for batch in batches(source, 8):           # ordered; seed=... shuffles
+    batch["image"]                           # (8, S, S, 3) float32, ImageNet-normalized
+
+Every batch has exactly `batch_size` rows: the last partial batch is padded with zero rows and
+`valid` (B,) says which rows are real, so a jitted consumer sees one shape. Consumers drop or
+mask the padded rows (`batch["image"][batch["valid"]]`).
+"""
+import collections
+import concurrent.futures
+import os
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from pbas_jax.data import builders
+from pbas_jax.data import preprocess
+from pbas_jax.data.preprocess import DatasetError
+
+
+class Source:
+  """Random access to one preprocessed split of a class: `len(source)`, `source[i]`.
+
+  `source[i]` is a dict of numpy values:
+    image        float32 (S, S, 3), normalized
+    mask         float32 (S, S), 0/1 by the dataset's mask rule; NaN when the image's mask is
+                 unknown (a defective image of a folder dataset without ground_truth/), so that a
+                 pixel metric cannot silently treat it as defect-free
+    has_mask     bool, False exactly when `mask` is NaN
+    label        int32: 0 normal, 1 anomalous
+    defect_type  str: "good" or the defect type
+    filename     str: source path relative to the raw root
+    index        int64: i
+  `has_masks` is False when any defective image lacks a mask: pixel metrics must be skipped.
+  """
+
+  def __init__(self, data_source, *, dataset: str, class_name: str, split: str, image_size: int,
+               resize: int, mask_rule: str, has_masks: bool):
+    self._data = data_source
+    self.dataset, self.class_name, self.split = dataset, class_name, split
+    self.image_size, self.resize, self.mask_rule = image_size, resize, mask_rule
+    self.has_masks = has_masks
+
+  def __len__(self) -> int:
+    return len(self._data)
+
+  def read(self, indices: Sequence[int]) -> list:
+    """Stored (still encoded) examples; cheap, unlike `decode`."""
+    return list(self._data.__getitems__([int(i) for i in indices]))
+
+  def decode(self, record: dict, index: int) -> dict:
+    """Decodes and preprocesses one stored example (thread-safe; PIL releases the GIL)."""
+    filename = record["filename"].decode()
+    s = self.image_size
+    image = preprocess.open_image(record["image"], f"{self.dataset}/{self.class_name} {filename}")
+    label = int(record["label"])
+    if record["mask"]:
+      mask = preprocess.open_image(record["mask"], f"mask of {filename}")
+      mask = preprocess.preprocess_mask(mask, s, self.resize, self.mask_rule)
+    else:
+      # No mask file: normal images are defect-free; a defective one's mask is unknown.
+      mask = np.full((s, s), np.nan if label else 0.0, np.float32)
+    return {
+        "image": preprocess.preprocess_image(image, s, self.resize),
+        "mask": mask,
+        "has_mask": not np.isnan(mask[0, 0]),
+        "label": np.int32(label),
+        "defect_type": record["defect_type"].decode(),
+        "filename": filename,
+        "index": np.int64(index),
+    }
+
+  def __getitem__(self, index: int) -> dict:
+    if not -len(self) <= index < len(self):
+      raise IndexError(f"index {index} out of range for {len(self)} examples")
+    index %= len(self)
+    return self.decode(self.read([index])[0], index)
+
+
+def load_split(dataset: str, root, class_name: str, split: str, *, data_dir,
+               image_size: int = 288, resize: int = 288, mask_mode: str = "reference") -> Source:
+  """Prepares the class if needed (see `builders.prepare`) and returns a split's Source.
+
+  Args:
+    dataset: mvtec | visa | mpdd | folder.
+    root: raw data folder (the manual directory); "" = use prepared data as it is.
+    class_name: one of `classes(dataset)` (folder: a folder of root holding train/good).
+    split: train | test.
+    data_dir: where prepared datasets are stored.
+    image_size: center-crop size S.
+    resize: shorter side before the crop (MVTec toothbrush/wood: int(S * 8 / 7) instead).
+    mask_mode: reference (the dataset's reference rule) | binary (nearest-neighbour, > 0).
+  """
+  preprocess.check_sizes(image_size, resize)
+  rule = preprocess.mask_rule(dataset, mask_mode)
+  builder = builders.prepare(dataset, root, class_name, data_dir=data_dir)
+  if split not in builder.info.splits:
+    raise DatasetError(f"{dataset}/{class_name} has no {split!r} split (it has "
+                       f"{', '.join(builder.info.splits)}); a folder dataset needs "
+                       "<root>/<class>/test/<type>/ for a test split")
+  data_source = builder.as_data_source(split, decoders={
+      "image": tfds.decode.SkipDecoding(), "mask": tfds.decode.SkipDecoding()})
+  has_masks = split == "train" or bool(builder.info.metadata["has_masks"])
+  return Source(data_source, dataset=dataset, class_name=class_name, split=split,
+                image_size=image_size, resize=preprocess.class_resize(dataset, class_name,
+                                                                      image_size, resize),
+                mask_rule=rule, has_masks=has_masks)
+
+
+def subsample_indices(n: int, fraction: float, seed: int) -> np.ndarray:
+  """Sorted indices of round(fraction * n) (at least 1) of n examples, drawn without replacement.
+
+  For the training-set subsampling ablation (paper Table VII); pass to `batches(indices=...)`.
+  """
+  if not 0 < fraction <= 1:
+    raise ValueError(f"dataset.subsample={fraction} must be in (0, 1]")
+  k = max(1, int(round(fraction * n)))
+  return np.sort(np.random.default_rng(seed).choice(n, size=k, replace=False))
+
+
+def batches(source: Source, batch_size: int, *, seed: Optional[int] = None,
+            indices: Optional[Sequence[int]] = None, num_threads: Optional[int] = None,
+            prefetch: int = 2) -> Iterator[dict]:
+  """One pass over `source` in fixed-shape batches, decoded in a thread pool.
+
+  Args:
+    source: a Source.
+    batch_size: B; the last partial batch is padded to B rows (see `valid`).
+    seed: None = in order; else the examples are shuffled with this seed.
+    indices: examples to use (e.g. `subsample_indices`); None = all.
+    num_threads: decoding threads; None = min(8, CPU count).
+    prefetch: batches decoded ahead of the one being consumed.
+
+  Yields:
+    dicts with the fields of `Source` stacked along a leading axis of B rows (image (B, S, S, 3),
+    mask (B, S, S), has_mask, label, index, defect_type and filename as numpy str arrays), plus
+    valid: (B,) bool, False on padding rows (zero image and mask, label 0, index -1, "" strings).
+  """
+  if batch_size < 1:
+    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+  order = np.arange(len(source)) if indices is None else np.asarray(indices, np.int64).reshape(-1)
+  if order.size and (order.min() < 0 or order.max() >= len(source)):
+    raise ValueError(f"indices must lie in [0, {len(source)}) for {source.dataset}/"
+                     f"{source.class_name} {source.split}")
+  if seed is not None:
+    order = np.random.default_rng(seed).permutation(order)
+  chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+  pool = concurrent.futures.ThreadPoolExecutor(num_threads or min(8, os.cpu_count() or 1))
+  pending = collections.deque()
+  try:
+    for chunk in chunks:
+      pending.append([pool.submit(source.decode, r, i) for r, i in zip(source.read(chunk), chunk)])
+      if len(pending) > prefetch:
+        yield _stack([f.result() for f in pending.popleft()], batch_size)
+    while pending:
+      yield _stack([f.result() for f in pending.popleft()], batch_size)
+  finally:
+    pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _stack(examples: list, batch_size: int) -> dict:
+  """Stacks examples into B rows, padding with zero rows marked invalid."""
+  pad = batch_size - len(examples)
+  out = {}
+  for key in examples[0]:
+    values = [e[key] for e in examples]
+    if isinstance(values[0], str):
+      out[key] = np.array(values + [""] * pad)
+    else:
+      stacked = np.stack(values)
+      filler = np.full((pad,) + stacked.shape[1:], -1 if key == "index" else 0, stacked.dtype)
+      out[key] = np.concatenate([stacked, filler])
+  out["valid"] = np.arange(batch_size) < len(examples)
+  return out
