@@ -41,6 +41,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import fcntl
 import os
 import pathlib
 import re
@@ -430,6 +431,15 @@ def prepare(dataset: str, root, class_name: str, *, data_dir) -> tfds.core.Datas
                                  "dataset.root is empty: set dataset.root to the raw data")
     return b
   plan = scan(dataset, root, class_name)
+  # Sweep tasks of one class start together and share data_dir: one prepares, the others wait and
+  # then find the data prepared.
+  os.makedirs(data_dir, exist_ok=True)
+  with open(os.path.join(data_dir, f".{dataset}_{class_name}.lock"), "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    return _prepare_locked(dataset, class_name, data_dir, plan)
+
+
+def _prepare_locked(dataset, class_name, data_dir, plan) -> tfds.core.DatasetBuilder:
   b = builder(dataset, class_name, data_dir)
   if _is_prepared(b):
     if b.info.metadata.get("fingerprint") == plan.fingerprint:
