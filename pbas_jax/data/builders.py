@@ -38,10 +38,10 @@ images have no masks).
 import concurrent.futures
 import csv
 import dataclasses
+import fcntl
 import hashlib
 import io
 import json
-import fcntl
 import os
 import pathlib
 import re
