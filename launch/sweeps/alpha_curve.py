@@ -1,0 +1,14 @@
+"""The anomaly degree alpha (`model.k`, Eq. 7) on every MVTec AD class, one seed (paper Fig. 13).
+
+The reference code uses 0.25, the paper's text 0.3; aggregate gives one mean row per alpha.
+
+  python -m launch.sweep --config=configs/mvtec.py --sweep=launch/sweeps/alpha_curve.py \
+      --sweep_dir=runs/alpha_curve -- --config.dataset.root=/data/mvtec
+"""
+from launch.sweep import product
+from pbas_jax.data.builders import CLASSES
+
+
+def get_sweep():
+  return product(classes=list(CLASSES["mvtec"]), seeds=[0],
+                 **{"model.k": [0.1, 0.2, 0.25, 0.3, 0.4, 0.5]})

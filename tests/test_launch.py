@@ -1,0 +1,358 @@
+"""Sweeps (expansion, naming, skipping, job arrays, local runs) and their aggregated tables.
+
+SLURM is replaced by small fake `sbatch`/`squeue` scripts and the main job by a fake module that
+writes a results.json; tests/test_slurm.py runs the real ones.
+"""
+import csv
+import json
+import os
+import pathlib
+import re
+import stat
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from launch import aggregate
+from launch import sweep
+from pbas_jax import report
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+CONFIG = "configs/mpdd.py:smoke"
+
+# A stand-in for pbas_jax.main: writes <workdir>/results.json with metrics made from the seed and
+# class, or fails like an unknown config key does.
+FAKE_MAIN = '''
+import json, os, sys
+args = dict(a[2:].split("=", 1) for a in sys.argv[1:])
+over = {k[len("config."):]: v for k, v in args.items() if k.startswith("config.")}
+print("fake main", over)
+if "model.bogus" in over:
+  sys.exit("KeyError: 'bogus' is not a key of config.model")
+seed = int(over.get("train.seed", 0))
+rows = [{"dataset": "mpdd", "class": c, "seed": seed, "i_auroc": 0.5 + 0.1 * seed,
+         "i_ap": 0.6, "p_auroc": 0.7, "p_ap": 0.1 * (i + 1), "p_pro": None,
+         "pro_variant": "standard", "epoch": 3, "selection": "last", "wall_time_s": 1.0,
+         "images_per_s": 2.0} for i, c in enumerate(over.get("dataset.classes", "x,y").split(","))]
+os.makedirs(args["workdir"], exist_ok=True)
+with open(os.path.join(args["workdir"], "results.json"), "w") as f:
+  json.dump({"rows": rows, "mean": {}, "selection": "last", "notes": []}, f)
+'''
+
+
+def _write_sweep(tmp_path, body: str) -> pathlib.Path:
+  path = tmp_path / "my_sweep.py"
+  path.write_text("from launch.sweep import product\n\n\ndef get_sweep():\n  return " + body + "\n")
+  return path
+
+
+@pytest.fixture
+def fake_main(tmp_path, monkeypatch) -> str:
+  folder = tmp_path / "fake_pkg"
+  folder.mkdir()
+  (folder / "fake_main.py").write_text(FAKE_MAIN)
+  monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(folder), str(REPO)]))
+  monkeypatch.chdir(REPO)
+  return "fake_main"
+
+
+def _executable(path: pathlib.Path, text: str) -> None:
+  path.write_text(text)
+  path.chmod(path.stat().st_mode | stat.S_IEXEC)
+
+
+@pytest.fixture
+def fake_slurm(tmp_path, monkeypatch) -> pathlib.Path:
+  """`sbatch` that records its arguments and answers job 4242; `squeue` that prints $FAKE_LIVE."""
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  calls = tmp_path / "sbatch_calls.txt"
+  _executable(bin_dir / "sbatch", f'#!/bin/sh\necho "$@" >> {calls}\necho "4242;cluster"\n')
+  _executable(bin_dir / "squeue", '#!/bin/sh\nprintf "%s" "$FAKE_LIVE"\n')
+  monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+  monkeypatch.setenv("FAKE_LIVE", "")
+  monkeypatch.chdir(REPO)
+  return calls
+
+
+def test_product_is_the_cartesian_product_with_aliases():
+  tasks = sweep.product(classes=["a", "b"], seeds=[0, 1], **{"model.k": [0.3]})
+  assert tasks == [
+      {"dataset.classes": c, "train.seed": s, "model.k": 0.3} for c in "ab" for s in (0, 1)]
+  assert [list(t) for t in tasks] == [["dataset.classes", "train.seed", "model.k"]] * 4
+  with pytest.raises(sweep.SweepError, match=r"classes=\['bottle'\]"):
+    sweep.product(classes="bottle")
+  with pytest.raises(sweep.SweepError, match="empty axis"):
+    sweep.product(seeds=[])
+
+
+@pytest.mark.parametrize("body, message", [
+    (None, "no such file"),
+    ("[{'train.seed': 0}]\nsyntax error here", "failed to load: SyntaxError"),
+    ("1 / 0", "get_sweep\\(\\) raised ZeroDivisionError"),
+    ("{'train.seed': [0, 1]}", "non-empty list of override dicts"),
+    ("[]", "non-empty list"),
+    ("[{'train.seed': 0}, 'model.k=1']", "task 1 is 'model.k=1'"),
+])
+def test_bad_sweep_files_name_the_file(tmp_path, body, message):
+  path = tmp_path / "missing.py" if body is None else _write_sweep(tmp_path, body)
+  with pytest.raises(sweep.SweepError, match=message) as e:
+    sweep.load_sweep(path)
+  assert str(path) in str(e.value)
+
+
+def test_sweep_file_without_get_sweep(tmp_path):
+  path = tmp_path / "s.py"
+  path.write_text("SWEEP = []\n")
+  with pytest.raises(sweep.SweepError, match="defines no get_sweep"):
+    sweep.load_sweep(path)
+
+
+def test_example_sweeps_expand():
+  sizes = {"mvtec_seeds": 45, "alpha_curve": 90, "smoke": 3}
+  for name, size in sizes.items():
+    tasks = sweep.load_sweep(REPO / "launch" / "sweeps" / f"{name}.py")
+    assert len(tasks) == size and len({json.dumps(t, sort_keys=True) for t in tasks}) == size
+  assert {t["model.k"] for t in sweep.load_sweep(REPO / "launch/sweeps/alpha_curve.py")} >= {0.25, 0.3}
+
+
+def test_task_names():
+  names = sweep.task_names([
+      {"dataset.classes": "bottle", "train.seed": 0, "model.k": 0.25},
+      {"dataset.classes": "bottle,screw", "train.seed": 1, "model.k": 1e-5},
+      {"train.seed": 2},
+      {"dataset.classes": "metal_plate"},
+      {"dataset.classes": "pill", "backbone.layers": ("layer2", "layer3")},
+  ])
+  assert names == ["bottle/seed0_k0.25", "bottle+screw/seed1_k1e-05", "all/seed2",
+                   "metal_plate/default", "pill/layerslayer2+layer3"]
+  # Keys sharing a last component are spelled out.
+  assert sweep.task_names([{"optim.lr": 0.1}, {"model.lr": 0.2}]) == [
+      "all/optim-lr0.1", "all/model-lr0.2"]
+  with pytest.raises(sweep.SweepError, match="tasks 0 and 1 both get the workdir name 'all/ab'"):
+    sweep.task_names([{"model.a": "b"}, {"model.a": "b"}])
+
+
+def test_make_tasks(tmp_path):
+  tasks = sweep.make_tasks(sweep.product(classes=["c1"], **{"model.k": [0.1, 0.3]}),
+                           config=str(REPO / CONFIG), sweep_dir=tmp_path / "sw",
+                           extra_args=["--config.dataset.root=/data"], python="/py")
+  assert [t.name for t in tasks] == ["c1/k0.1", "c1/k0.3"]
+  assert tasks[1].argv == (
+      "/py", "-m", "pbas_jax.main", f"--config={REPO / CONFIG}",
+      f"--workdir={tmp_path / 'sw' / 'c1' / 'k0.3'}", "--config.dataset.root=/data",
+      "--config.dataset.classes=c1", "--config.model.k=0.3")
+  assert tasks[0].log == str(tmp_path / "sw" / "logs" / "c1" / "k0.1")
+  assert tasks[0].results == tmp_path / "sw" / "c1" / "k0.1" / "results.json"
+  with pytest.raises(sweep.SweepError, match="model.k is set both by the sweep and after `--`"):
+    sweep.make_tasks([{"model.k": 1}], config=str(REPO / CONFIG), sweep_dir=tmp_path,
+                     extra_args=["--config.model.k=2"])
+  with pytest.raises(sweep.SweepError, match="file configs/nope.py not found"):
+    sweep.make_tasks([{"model.k": 1}], config="configs/nope.py:smoke", sweep_dir=tmp_path)
+  with pytest.raises(sweep.SweepError, match="must be a flag"):
+    sweep.make_tasks([{"model.k": 1}], config=str(REPO / CONFIG), sweep_dir=tmp_path,
+                     extra_args=["oops"])
+
+
+def test_array_script_contents(tmp_path):
+  resources = sweep.Resources(partition="gpu", time="04:00:00", cpus_per_task=8, mem="32G",
+                              gpus_per_task=1, array_limit=4)
+  text = sweep.array_script(tasks_json=tmp_path / "tasks.json", num_tasks=7, resources=resources,
+                            name="pbas-x", submit_dir=tmp_path, chdir="/repo", python="/venv/py")
+  directives = [line for line in text.splitlines() if line.startswith("#SBATCH")]
+  assert directives == [
+      "#SBATCH --job-name=pbas-x", "#SBATCH --array=0-6%4",
+      f"#SBATCH --output={tmp_path}/slurm-%A_%a.out", f"#SBATCH --error={tmp_path}/slurm-%A_%a.err",
+      "#SBATCH --chdir=/repo", "#SBATCH --ntasks=1", "#SBATCH --cpus-per-task=8",
+      "#SBATCH --partition=gpu", "#SBATCH --time=04:00:00", "#SBATCH --mem=32G",
+      "#SBATCH --gpus-per-task=1"]
+  assert text.splitlines()[-1] == (
+      f'exec /venv/py -m launch.sweep --run_task={tmp_path}/tasks.json:"$SLURM_ARRAY_TASK_ID"')
+  minimal = sweep.array_script(tasks_json="t.json", num_tasks=1, resources=sweep.Resources(),
+                               name="n", submit_dir=tmp_path, chdir="/repo")
+  assert "#SBATCH --array=0-0\n" in minimal
+  assert not re.search(r"--(partition|time|mem|gpus-per-task)=", minimal)
+
+
+def _submit_dirs(sweep_dir: pathlib.Path) -> list:
+  return sorted((sweep_dir / "submit").iterdir()) if (sweep_dir / "submit").exists() else []
+
+
+def test_slurm_submission_skips_finished_and_running_tasks(tmp_path, fake_slurm, fake_main,
+                                                           monkeypatch, capsys):
+  sweep_file = _write_sweep(tmp_path, "product(classes=['a'], seeds=[0, 1, 2])")
+  sweep_dir = tmp_path / "sw"
+  finished = sweep_dir / "a" / "seed1" / "results.json"
+  finished.parent.mkdir(parents=True)
+  finished.write_text("{}")
+  kwargs = dict(config=CONFIG, sweep_dir=str(sweep_dir), backend="slurm",
+                resources=sweep.Resources(cpus_per_task=2), module=fake_main)
+
+  assert sweep.launch(str(sweep_file), **kwargs) == 0
+  (submit_dir,) = _submit_dirs(sweep_dir)
+  assert fake_slurm.read_text().split() == ["--parsable", str(submit_dir / "array.sbatch")]
+  assert (submit_dir / "job_id").read_text().strip() == "4242"
+  # Only the missing tasks, remapped to array indices 0 and 1.
+  submitted = json.loads((submit_dir / "tasks.json").read_text())
+  assert [t["name"] for t in submitted] == ["a/seed0", "a/seed2"]
+  script = (submit_dir / "array.sbatch").read_text()
+  assert "#SBATCH --array=0-1\n" in script and "#SBATCH --cpus-per-task=2\n" in script
+  assert [t.name for t in sweep.read_manifest(sweep_dir)] == ["a/seed0", "a/seed1", "a/seed2"]
+  assert "3 tasks; 1 finished (skipped), 0 queued or running (skipped), 2 to run" in \
+      capsys.readouterr().out
+
+  # The array task runs its entry of tasks.json (here through bash instead of sbatch).
+  run = subprocess.run(["bash", str(submit_dir / "array.sbatch")], capture_output=True,
+                       text=True, env={**os.environ, "SLURM_ARRAY_TASK_ID": "1"})
+  assert run.returncode == 0, run.stderr
+  assert "a/seed2 exited with 0" in run.stdout
+  assert (sweep_dir / "a" / "seed2" / "results.json").exists()
+  assert not (sweep_dir / "a" / "seed0" / "results.json").exists()
+  assert "fake main" in (sweep_dir / "logs" / "a" / "seed2.out").read_text()
+
+  # While job 4242 is live its unfinished task is not submitted again.
+  monkeypatch.setenv("FAKE_LIVE", "4242\n")
+  assert sweep.launch(str(sweep_file), **kwargs) == 0
+  assert len(_submit_dirs(sweep_dir)) == 1
+  out = capsys.readouterr().out
+  assert "2 finished (skipped), 1 queued or running (skipped), 0 to run" in out
+  assert "a/seed0: in job 4242" in out
+
+  # Once it ended, the one missing task is resubmitted alone, as array index 0.
+  monkeypatch.setenv("FAKE_LIVE", "")
+  assert sweep.launch(str(sweep_file), **kwargs) == 0
+  newest = _submit_dirs(sweep_dir)[-1]
+  assert [t["name"] for t in json.loads((newest / "tasks.json").read_text())] == ["a/seed0"]
+  assert "#SBATCH --array=0-0\n" in (newest / "array.sbatch").read_text()
+
+
+def test_dry_run_and_missing_sbatch(tmp_path, fake_main, monkeypatch, capsys):
+  sweep_file = _write_sweep(tmp_path, "product(seeds=[0, 1])")
+  monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # no sbatch, no squeue
+  kwargs = dict(config=CONFIG, sweep_dir=str(tmp_path / "sw"), backend="slurm",
+                python=sys.executable, module=fake_main)
+  assert sweep.launch(str(sweep_file), dry_run=True, **kwargs) == 0
+  (submit_dir,) = _submit_dirs(tmp_path / "sw")
+  assert (submit_dir / "array.sbatch").exists() and not (submit_dir / "job_id").exists()
+  assert "all/seed1" in capsys.readouterr().out
+  with pytest.raises(sweep.SweepError, match="`sbatch` not found on PATH.*--backend=local"):
+    sweep.launch(str(sweep_file), **kwargs)
+
+
+def test_local_backend_reports_the_failed_task_and_its_log(tmp_path, fake_main, capsys):
+  sweep_file = _write_sweep(
+      tmp_path, "product(classes=['a', 'b'], seeds=[0]) + [{'classes': 'a', 'model.bogus': 1}]")
+  sweep_dir = tmp_path / "sw"
+  kwargs = dict(config=CONFIG, sweep_dir=str(sweep_dir), backend="local", parallel=2,
+                module=fake_main)
+  assert sweep.launch(str(sweep_file), **kwargs) == 1
+  out = capsys.readouterr().out
+  bad_log = sweep_dir / "logs" / "a" / "bogus1"
+  assert "2 of 3 tasks finished, 1 failed" in out
+  assert f"a/bogus1: FAILED with exit 1; log {bad_log}.err" in out
+  assert "'bogus' is not a key of config.model" in out  # the end of its stderr
+  assert (bad_log.with_suffix(".exit")).read_text().strip() == "1"
+  assert (sweep_dir / "logs" / "b" / "seed0.exit").read_text().strip() == "0"
+  # A second launch runs only the failed task again.
+  assert sweep.launch(str(sweep_file), **kwargs) == 1
+  assert "2 finished (skipped), 0 queued or running (skipped), 1 to run" in capsys.readouterr().out
+
+
+def _results(workdir: pathlib.Path, rows: list) -> None:
+  workdir.mkdir(parents=True, exist_ok=True)
+  (workdir / "results.json").write_text(json.dumps({"rows": rows, "mean": {}, "selection": "last",
+                                                    "notes": []}))
+
+
+def _row(cls, seed, rng, with_masks=True):
+  pixel = lambda: float(rng.uniform(0.5, 1.0)) if with_masks else None
+  return {"dataset": "mvtec", "class": cls, "seed": seed, "i_auroc": float(rng.uniform(0.5, 1.0)),
+          "i_ap": float(rng.uniform(0.5, 1.0)), "p_auroc": pixel(), "p_ap": pixel(),
+          "p_pro": pixel(), "pro_variant": "standard", "epoch": 640, "selection": "last",
+          "wall_time_s": 10.0, "images_per_s": 5.0}
+
+
+def _expected(values):
+  values = [v for v in values if v is not None]
+  if not values:
+    return "-"
+  mean = f"{100 * np.mean(values):.1f}"
+  return mean if len(values) == 1 else f"{mean} ± {100 * np.std(values, ddof=1):.1f}"
+
+
+def test_aggregate_tables(tmp_path):
+  rng = np.random.default_rng(0)
+  sweep_dir = tmp_path / "sw"
+  classes, seeds, ks = ["bottle", "screw", "grid"], [0, 1, 2], [0.25, 0.5]
+  tasks = sweep.make_tasks(sweep.product(classes=classes, seeds=seeds, **{"model.k": ks}) +
+                           sweep.product(classes=["bottle"], seeds=[0], **{"model.k": [0.75]}),
+                           config=str(REPO / CONFIG), sweep_dir=sweep_dir)
+  sweep.update_manifest(sweep_dir, tasks)
+  rows = {}
+  for task in tasks[:-1]:  # the last task (k=0.75) never finished
+    o = task.overrides
+    # grid has no masks: its pixel metrics are null.
+    row = _row(o["dataset.classes"], o["train.seed"], rng, o["dataset.classes"] != "grid")
+    rows[o["model.k"], row["class"], row["seed"]] = row
+    _results(pathlib.Path(task.workdir), [row])
+
+  groups, status = aggregate.aggregate(sweep_dir)
+  assert status.startswith("18 of 19 tasks finished, 0 failed, 1 without a result")
+  assert "bottle/seed0_k0.75: no results.json" in status
+  assert [g.setting for g in groups] == [(("model.k", 0.25),), (("model.k", 0.5),)]
+  md = (sweep_dir / "results.md").read_text()
+  with open(sweep_dir / "results.csv") as f:
+    table = list(csv.DictReader(f))
+  assert len(table) == 2 * (len(classes) + 1)
+  for k in ks:
+    assert f"## mvtec · model.k={k} (selection last, PRO standard)" in md
+    for cls in classes:
+      cells = [_expected([rows[k, cls, s][m] for s in seeds]) for m in report.METRIC_KEYS]
+      assert f"| {cls} | 3 | {' | '.join(cells)} |" in md
+      (line,) = [r for r in table if r["model.k"] == str(k) and r["class"] == cls]
+      assert line["n_seeds"] == "3" and line["seeds"] == "0 1 2"
+      assert line["i_auroc"] == f"{100 * np.mean([rows[k, cls, s]['i_auroc'] for s in seeds]):.1f}"
+      assert line["p_auroc"] == ("" if cls == "grid" else cells[2].split(" ± ")[0])
+    # Mean row: classes averaged within each seed (pixel metrics over the classes with masks).
+    per_seed = {m: [np.mean([rows[k, c, s][m] for c in classes if rows[k, c, s][m] is not None])
+                    for s in seeds] for m in report.METRIC_KEYS}
+    cells = [f"**{_expected(per_seed[m])}**" for m in report.METRIC_KEYS]
+    assert f"| **mean** | **3** | {' | '.join(cells)} |" in md
+    (line,) = [r for r in table if r["model.k"] == str(k) and r["class"] == "mean"]
+    assert line["p_pro_std"] == f"{100 * np.std(per_seed['p_pro'], ddof=1):.1f}"
+  assert "mean p_auroc is over 2 of 3 rows" in md
+  assert "## Summary (mean rows)" in md
+
+
+def test_aggregate_single_seed_incomplete_and_duplicates(tmp_path):
+  rng = np.random.default_rng(1)
+  sweep_dir = tmp_path / "sw"
+  tasks = sweep.make_tasks(sweep.product(classes=["a", "b"], seeds=[0]) + [{"train.seed": 1}],
+                           config=str(REPO / CONFIG), sweep_dir=sweep_dir)
+  sweep.update_manifest(sweep_dir, tasks)
+  a0, b0, a1 = _row("a", 0, rng), _row("b", 0, rng), _row("a", 1, rng)
+  _results(pathlib.Path(tasks[0].workdir), [a0])
+  _results(pathlib.Path(tasks[1].workdir), [b0])
+  _results(pathlib.Path(tasks[2].workdir), [a1])  # an all-classes run that only produced `a`
+  (group,) = aggregate.aggregate(sweep_dir)[0]
+  assert [(s.name, s.seeds) for s in group.classes] == [("a", (0, 1)), ("b", (0,))]
+  assert group.mean.seeds == (0,)
+  assert group.mean.metrics["i_auroc"] == (pytest.approx((a0["i_auroc"] + b0["i_auroc"]) / 2), None)
+  assert "seed 1 lacks b: left out of the mean row" in group.notes
+  md = (sweep_dir / "results.md").read_text()
+  assert f"| b | 1 | {100 * b0['i_auroc']:.1f} |" in md  # one seed: no std
+
+  _results(pathlib.Path(tasks[2].workdir), [{**a1, "seed": 0}])
+  with pytest.raises(sweep.SweepError, match="two results for mvtec/a seed 0"):
+    aggregate.aggregate(sweep_dir)
+
+
+def test_aggregate_without_results(tmp_path):
+  with pytest.raises(sweep.SweepError, match="not a sweep dir"):
+    aggregate.aggregate(tmp_path)
+  sweep.update_manifest(tmp_path, sweep.make_tasks([{"train.seed": 0}], config=str(REPO / CONFIG),
+                                                   sweep_dir=tmp_path))
+  with pytest.raises(sweep.SweepError, match="no finished task"):
+    aggregate.aggregate(tmp_path)
