@@ -24,11 +24,15 @@ from typing import Mapping
 from absl import app
 from absl import flags
 
+from pbas_jax.report import atomic_write
+
 # Executables the cluster needs; one missing means the packages are not installed.
 REQUIRED_EXECUTABLES = ("munged", "slurmctld", "slurmd", "sinfo", "squeue", "scancel", "sbatch")
 _INSTALL_HINT = "install them with `apt-get install -y slurm-wlm munge`"
 # The munge socket path must fit in sockaddr_un.sun_path (108 bytes with the NUL).
 _MAX_SOCKET_PATH = 100
+# Daemons started by this process, by pid (stopping them from here also reaps them).
+_CHILDREN: dict[int, subprocess.Popen] = {}
 
 
 class ClusterError(RuntimeError):
@@ -118,15 +122,6 @@ def slurm_conf(state_dir: pathlib.Path, hardware: str, ctld_port: int, slurmd_po
   ])
 
 
-def _write(path: pathlib.Path, data: bytes, mode: int) -> None:
-  """Writes to a temp name with `mode`, then renames: no reader sees a partial file."""
-  tmp = path.with_name(path.name + ".tmp")
-  fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-  with os.fdopen(fd, "wb") as f:
-    f.write(data)
-  os.replace(tmp, path)
-
-
 def _pids_file(state_dir: pathlib.Path) -> pathlib.Path:
   return state_dir / "pids.json"
 
@@ -178,10 +173,12 @@ def start_local_cluster(state_dir, *, timeout_s: float = 60.0) -> LocalCluster:
   munge_dir.chmod(0o700)
 
   conf = state_dir / "slurm.conf"
-  _write(conf, slurm_conf(state_dir, _node_hardware(), _free_port(), _free_port()).encode(), 0o644)
+  atomic_write(conf, slurm_conf(state_dir, _node_hardware(), _free_port(), _free_port()))
+  conf.chmod(0o644)  # client commands of any user read it
   key = munge_dir / "munge.key"
   if not key.exists():
-    _write(key, os.urandom(1024), 0o600)
+    atomic_write(key, os.urandom(1024))
+    key.chmod(0o600)  # munged refuses a key that others can read
   env = {**os.environ, "SLURM_CONF": str(conf)}
 
   # Foreground daemons in their own sessions: this process owns them and records their pids.
@@ -200,7 +197,8 @@ def start_local_cluster(state_dir, *, timeout_s: float = 60.0) -> LocalCluster:
         proc = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=log,
                                 stderr=log, start_new_session=True)
       pids[name] = proc.pid
-      _write(_pids_file(state_dir), json.dumps(pids).encode(), 0o644)
+      _CHILDREN[proc.pid] = proc
+      atomic_write(_pids_file(state_dir), json.dumps(pids))
       if name == "munged":
         _wait_for(lambda: munge_socket.exists(), timeout_s, "munged to create its socket",
                   state_dir, pids)
@@ -212,24 +210,22 @@ def start_local_cluster(state_dir, *, timeout_s: float = 60.0) -> LocalCluster:
   return LocalCluster(state_dir=state_dir, conf=conf, env=env)
 
 
-def _alive(pid: int) -> bool:
+def _alive(pid: int, name: str) -> bool:
+  """Whether daemon `name` still runs as `pid`."""
+  proc = _CHILDREN.get(pid)
+  if proc is not None:  # started by this process: poll() also reaps it
+    return proc.poll() is None
+  # Recorded by another process (the CLI): check the pid was not reused by something else.
   try:
-    # Reaps the daemon when it is our child, so a dead one does not linger as a zombie.
-    if os.waitpid(pid, os.WNOHANG)[0] == pid:
-      return False
-  except ChildProcessError:
-    pass
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
+    return name in pathlib.Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+  except OSError:
     return False
-  return True
 
 
 def _wait_for(condition, timeout_s, what, state_dir, pids) -> None:
   deadline = time.monotonic() + timeout_s
   while not condition():
-    dead = [name for name, pid in pids.items() if not _alive(pid)]
+    dead = [name for name, pid in pids.items() if not _alive(pid, name)]
     if dead or time.monotonic() > deadline:
       why = f"{', '.join(dead)} exited" if dead else f"timed out after {timeout_s:.0f} s"
       raise ClusterError(f"waiting for {what}: {why}\n{_log_tails(state_dir)}")
@@ -247,7 +243,7 @@ def stop_local_cluster(state_dir, *, timeout_s: float = 20.0) -> None:
     return
   pids = json.loads(pids_file.read_text())
   env = {**os.environ, "SLURM_CONF": str(state_dir / "slurm.conf")}
-  if "slurmctld" in pids and _alive(pids["slurmctld"]):
+  if "slurmctld" in pids and _alive(pids["slurmctld"], "slurmctld"):
     # Jobs first, so no job step outlives slurmd.
     subprocess.run(["scancel", "--full", f"--user={os.getuid()}"], env=env,
                    capture_output=True, timeout=30)
@@ -260,16 +256,17 @@ def stop_local_cluster(state_dir, *, timeout_s: float = 20.0) -> None:
       time.sleep(0.5)
   for name in ("slurmd", "slurmctld", "munged"):
     pid = pids.get(name)
-    if pid is None or not _alive(pid):
+    if pid is None or not _alive(pid, name):
       continue
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout_s
-    while _alive(pid) and time.monotonic() < deadline:
+    while _alive(pid, name) and time.monotonic() < deadline:
       time.sleep(0.1)
-    if _alive(pid):
+    if _alive(pid, name):
       os.kill(pid, signal.SIGKILL)
-      while _alive(pid):
+      while _alive(pid, name):
         time.sleep(0.1)
+    _CHILDREN.pop(pid, None)
   pids_file.unlink()
 
 
