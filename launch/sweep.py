@@ -387,6 +387,10 @@ def submit_slurm(tasks: Sequence[Task], *, sweep_dir: str | os.PathLike, resourc
   if not dry_run:
     _require("sbatch")
   sweep_dir = pathlib.Path(sweep_dir).resolve()
+  for what, path in (("--sweep_dir", sweep_dir), ("the current folder", os.getcwd())):
+    if re.search(r"\s", str(path)):  # #SBATCH lines cannot quote paths
+      raise SweepError(f"{what} {str(path)!r} contains whitespace, which #SBATCH --output/--chdir "
+                       "cannot hold; use a path without spaces")
   submit_dir = _submit_dir(sweep_dir)
   tasks_json = submit_dir / "tasks.json"
   atomic_write(tasks_json, json.dumps([_task_dict(t) for t in tasks], indent=1))

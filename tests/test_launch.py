@@ -239,6 +239,8 @@ def test_dry_run_and_missing_sbatch(tmp_path, fake_main, monkeypatch, capsys):
   assert "all/seed1" in capsys.readouterr().out
   with pytest.raises(sweep.SweepError, match="`sbatch` not found on PATH.*--backend=local"):
     sweep.launch(str(sweep_file), **kwargs)
+  with pytest.raises(sweep.SweepError, match="contains whitespace"):
+    sweep.launch(str(sweep_file), dry_run=True, **{**kwargs, "sweep_dir": str(tmp_path / "a b")})
 
 
 def test_local_backend_reports_the_failed_task_and_its_log(tmp_path, fake_main, capsys):
