@@ -66,6 +66,13 @@ class Checkpointer:
         state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
     return out.state, out.meta
 
+  def meta(self, epoch: int | None = None) -> dict | None:
+    """The meta dict saved with `epoch` (default: latest), without reading the state; None if none."""
+    epoch = self.latest_epoch() if epoch is None else epoch
+    if epoch is None:
+      return None
+    return self._manager.restore(epoch, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+
   def close(self) -> None:
     self._manager.close()
 

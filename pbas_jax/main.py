@@ -31,6 +31,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   workdir = _WORKDIR.value or default_workdir(flags.FLAGS["config"].config_filename)
+  # Orbax logs every file it writes at INFO; keep the run's own log readable.
+  logging.get_absl_handler().addFilter(lambda record: "orbax" not in record.pathname)
   logging.info("workdir: %s", workdir)
   experiment.train_and_evaluate(_CONFIG.value, workdir)
 
