@@ -17,7 +17,7 @@ import json
 import os
 import pathlib
 import sys
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 from absl import app
 from absl import flags
@@ -56,11 +56,11 @@ class Group:
     return " · ".join(parts) + f" (selection {self.selection}, PRO {self.pro_variant})"
 
 
-def collect(sweep_dir: str | os.PathLike) -> tuple[list[tuple[tuple, dict, str]], list]:
+def collect(sweep_dir: str | os.PathLike) -> tuple[list[tuple[tuple, dict, str, list]], list]:
   """The result rows of a sweep dir's finished tasks.
 
   Returns:
-    ([(setting, row, results.json path), ...], all tasks of the manifest).
+    ([(setting, row, results.json path, the run's notes), ...], all tasks of the manifest).
   """
   tasks = sweep_lib.read_manifest(sweep_dir)
   entries = []
@@ -71,14 +71,15 @@ def collect(sweep_dir: str | os.PathLike) -> tuple[list[tuple[tuple, dict, str]]
     setting = tuple((k, tuple(v) if isinstance(v, list) else v)
                     for k, v in task.overrides.items() if k not in _EXCLUDED)
     try:
-      rows = json.loads(task.results.read_text())["rows"]
+      results = json.loads(task.results.read_text())
+      rows, notes = results["rows"], results.get("notes", [])
     except (ValueError, KeyError) as e:
       raise sweep_lib.SweepError(f"{task.results} is not a results.json with 'rows': {e}") from e
     for row in rows:
       missing = [k for k in ("dataset", "class", "seed", *report.METRIC_KEYS) if k not in row]
       if missing:
         raise sweep_lib.SweepError(f"{task.results}: a row lacks {missing}")
-      entries.append((setting, row, str(task.results)))
+      entries.append((setting, row, str(task.results), notes))
   return entries, tasks
 
 
@@ -90,11 +91,16 @@ def _stats(values: Sequence[Optional[float]]) -> tuple[Optional[float], Optional
   return float(np.mean(measured)), std
 
 
-def summarize(entries: Sequence[tuple[tuple, dict, str]]) -> list[Group]:
-  """Groups rows by (dataset, setting, selection, PRO variant) and computes the table rows."""
+def summarize(entries: Sequence[tuple[tuple, dict, str, list]]) -> list[Group]:
+  """Groups rows by (dataset, setting, selection, PRO variant) and computes the table rows.
+
+  A group's notes are its runs' notes (e.g. random backbone weights) and the table's own.
+  """
   grouped: dict[tuple, dict[str, dict[int, tuple[dict, str]]]] = {}
-  for setting, row, source in entries:
+  run_notes: dict[tuple, list[str]] = {}
+  for setting, row, source, notes in entries:
     key = (row["dataset"], setting, row.get("selection", "last"), row.get("pro_variant", "standard"))
+    run_notes.setdefault(key, []).extend(notes)
     by_seed = grouped.setdefault(key, {}).setdefault(row["class"], {})
     if row["seed"] in by_seed:
       raise sweep_lib.SweepError(
@@ -103,8 +109,10 @@ def summarize(entries: Sequence[tuple[tuple, dict, str]]) -> list[Group]:
     by_seed[row["seed"]] = (row, source)
 
   groups = []
-  for (dataset, setting, selection, variant), classes in grouped.items():
-    notes = []
+  for key, classes in grouped.items():
+    dataset, setting, selection, variant = key
+    # The markdown puts the test-set-selection warning above the group's table instead.
+    notes = [n for n in dict.fromkeys(run_notes[key]) if n != report.TEST_ORACLE_NOTE]
     class_stats = []
     for name, by_seed in classes.items():
       seeds = tuple(sorted(by_seed))
@@ -125,8 +133,6 @@ def summarize(entries: Sequence[tuple[tuple, dict, str]]) -> list[Group]:
         notes += [n for n in mean_notes if n not in notes]
       mean = Stats("mean", tuple(complete),
                    {m: _stats([r[m] for r in per_seed]) for m in report.METRIC_KEYS})
-    if selection == "test_oracle":
-      notes.insert(0, report.TEST_ORACLE_NOTE)
     groups.append(Group(dataset, setting, selection, variant, class_stats, mean, notes))
   return groups
 

@@ -41,7 +41,7 @@ import shutil
 import subprocess
 import sys
 import time
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 from absl import app
 from absl import flags

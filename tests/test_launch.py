@@ -262,10 +262,10 @@ def test_local_backend_reports_the_failed_task_and_its_log(tmp_path, fake_main, 
   assert "2 finished (skipped), 0 queued or running (skipped), 1 to run" in capsys.readouterr().out
 
 
-def _results(workdir: pathlib.Path, rows: list) -> None:
+def _results(workdir: pathlib.Path, rows: list, notes=()) -> None:
   workdir.mkdir(parents=True, exist_ok=True)
   (workdir / "results.json").write_text(json.dumps({"rows": rows, "mean": {}, "selection": "last",
-                                                    "notes": []}))
+                                                    "notes": list(notes)}))
 
 
 def _row(cls, seed, rng, with_masks=True):
@@ -336,13 +336,13 @@ def test_aggregate_single_seed_incomplete_and_duplicates(tmp_path):
   sweep.update_manifest(sweep_dir, tasks)
   a0, b0, a1 = _row("a", 0, rng), _row("b", 0, rng), _row("a", 1, rng)
   _results(pathlib.Path(tasks[0].workdir), [a0])
-  _results(pathlib.Path(tasks[1].workdir), [b0])
+  _results(pathlib.Path(tasks[1].workdir), [b0], notes=["backbone weights are random"])
   _results(pathlib.Path(tasks[2].workdir), [a1])  # an all-classes run that only produced `a`
   (group,) = aggregate.aggregate(sweep_dir)[0]
   assert [(s.name, s.seeds) for s in group.classes] == [("a", (0, 1)), ("b", (0,))]
   assert group.mean.seeds == (0,)
   assert group.mean.metrics["i_auroc"] == (pytest.approx((a0["i_auroc"] + b0["i_auroc"]) / 2), None)
-  assert "seed 1 lacks b: left out of the mean row" in group.notes
+  assert group.notes == ["backbone weights are random", "seed 1 lacks b: left out of the mean row"]
   md = (sweep_dir / "results.md").read_text()
   assert f"| b | 1 | {100 * b0['i_auroc']:.1f} |" in md  # one seed: no std
 
@@ -358,3 +358,19 @@ def test_aggregate_without_results(tmp_path):
                                                    sweep_dir=tmp_path))
   with pytest.raises(sweep.SweepError, match="no finished task"):
     aggregate.aggregate(tmp_path)
+
+
+def test_aggregate_keeps_protocols_apart_and_flags_test_set_selection(tmp_path):
+  rng = np.random.default_rng(2)
+  tasks = sweep.make_tasks(sweep.product(seeds=[0, 1]), config=str(REPO / CONFIG),
+                           sweep_dir=tmp_path)
+  sweep.update_manifest(tmp_path, tasks)
+  _results(pathlib.Path(tasks[0].workdir), [_row("a", 0, rng)])
+  _results(pathlib.Path(tasks[1].workdir), [{**_row("a", 1, rng), "selection": "test_oracle"}],
+           notes=[report.TEST_ORACLE_NOTE])
+  groups, _ = aggregate.aggregate(tmp_path)
+  assert [(g.selection, g.mean.seeds, g.notes) for g in groups] == [
+      ("last", (0,), []), ("test_oracle", (1,), [])]
+  md = (tmp_path / "results.md").read_text()
+  assert md.count(report.TEST_ORACLE_NOTE) == 1
+  assert md.index(report.TEST_ORACLE_NOTE) > md.index("## mvtec (selection test_oracle")

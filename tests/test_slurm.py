@@ -20,7 +20,6 @@ import pytest
 
 from conftest import require
 from launch import slurm
-from launch import sweep
 from pbas_jax import report
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
