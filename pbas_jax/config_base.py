@@ -4,6 +4,9 @@
 user may override is declared here, so a misspelled override fails (the ConfigDict is locked by
 `ml_collections.config_flags`).
 """
+import importlib.util
+import os
+
 import ml_collections
 
 
@@ -99,3 +102,14 @@ def apply_preset(c: ml_collections.ConfigDict, preset: str | None) -> ml_collect
     return c
   raise ValueError(f"unknown config preset {preset!r}: use one of '', 'paper', 'smoke' "
                    "(e.g. --config=configs/mvtec.py:smoke)")
+
+
+def load(spec: str) -> ml_collections.ConfigDict:
+  """Loads `path/to/config.py[:preset]` as `--config=` does, for scripts and tests."""
+  path, _, preset = spec.partition(":")
+  module_spec = importlib.util.spec_from_file_location("_pbas_config", path)
+  if module_spec is None or not os.path.isfile(path):
+    raise FileNotFoundError(f"config file {path} does not exist")
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(preset or None)
