@@ -150,7 +150,7 @@ def heatmap_indices(n: int, limit: int) -> np.ndarray:
   return np.unique(np.linspace(0, n - 1, count).round().astype(int)) if count else np.zeros(0, int)
 
 
-def _center_batches(features, key: jax.Array, batch_size: int):
+def center_batches(features, key: jax.Array, batch_size: int):
   """The cached training features in one shuffled pass, as the reference's loader feeds ABL."""
   order = np.asarray(jax.random.permutation(key, features.shape[0]))
   for start in range(0, len(order), batch_size):
@@ -210,7 +210,7 @@ def train_class(config: ml_collections.ConfigDict, class_dir: str, train_split: 
     logging.info("%s: resumed from epoch %d", class_dir, start)
   else:
     center = center_lib.init_center(
-        state.project, _center_batches(features, k_center, bs), config.model.center_init,
+        state.project, center_batches(features, k_center, bs), config.model.center_init,
         config.model.center_metric, config.model.center_ema, key=k_center,
         kmeans_iters=config.model.kmeans_iters)
     state = state.replace(center=center)
