@@ -186,6 +186,16 @@ def _test_score(result: dict) -> float:
   return (result["i_auroc"] or 0.0) + (result["p_auroc"] or 0.0)
 
 
+def state_template(config: ml_collections.ConfigDict, features_shape) -> train.TrainState:
+  """A train state of the right structure and shapes to restore a checkpoint into.
+
+  features_shape: (..., H, W, D) of the cached patch features.
+  """
+  *_, h, w, dim = features_shape
+  state = train.create_train_state(config, jax.random.key(0), dim)
+  return state.replace(center=jnp.zeros((h * w, dim), jnp.float32))
+
+
 def train_class(config: ml_collections.ConfigDict, class_dir: str, train_split: Split,
                 test: Split) -> tuple[train.TrainState, int]:
   """ABL center, then the epochs of training, resumable from `class_dir/checkpoints`.
@@ -203,8 +213,7 @@ def train_class(config: ml_collections.ConfigDict, class_dir: str, train_split: 
                if oracle else None)
   start, best = ckpts.latest_epoch() or 0, None
   if start:
-    template = state.replace(center=jnp.zeros((np.prod(features.shape[1:3]), features.shape[-1])))
-    state, meta = ckpts.restore(template)
+    state, meta = ckpts.restore(state_template(config, features.shape))
     checkpoint.check_compatible(meta, chash, ckpts.directory)
     best = meta.get("best")
     logging.info("%s: resumed from epoch %d", class_dir, start)
@@ -280,10 +289,7 @@ def run_class(config: ml_collections.ConfigDict, workdir: str, class_name: str, 
       raise FileNotFoundError(f"eval.only: no trained model in {model.directory}; train first "
                               "(the same command without --config.eval.only)")
     checkpoint.check_compatible(meta, chash, model.directory)
-    template = train.create_train_state(config, jax.random.key(0), test.features.shape[-1])
-    template = template.replace(center=jnp.zeros((np.prod(test.features.shape[1:3]),
-                                                  test.features.shape[-1])))
-    state, _ = model.restore(template)
+    state, _ = model.restore(state_template(config, test.features.shape))
     epoch = meta["epoch"]
   else:
     train_src = data.load_split(name, config.dataset.root, class_name, "train", **split_args)

@@ -19,8 +19,8 @@ from pbas_jax import config_base
 from pbas_jax import data
 from pbas_jax import experiment
 from pbas_jax import features as features_lib
+from pbas_jax import predict
 from pbas_jax import report
-from pbas_jax import train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # resnet18 compiles several times faster than the default WRN50; the real-data test keeps WRN50.
@@ -48,11 +48,9 @@ def run_main(workdir, root, *overrides, env=None, check=True, config="configs/mv
   return proc
 
 
-def load_model(class_dir: pathlib.Path, config, dim: int, positions: int):
-  template = train.create_train_state(config, jax.random.key(0), dim)
-  template = template.replace(center=jnp.zeros((positions, dim)))
-  state, meta = checkpoint.Checkpointer(class_dir / "model").restore(template)
-  return state, meta
+def load_model(class_dir: pathlib.Path, config, features_shape):
+  template = experiment.state_template(config, features_shape)
+  return checkpoint.Checkpointer(class_dir / "model").restore(template)
 
 
 def smoke_config(**changes):
@@ -104,6 +102,17 @@ def test_smoke_end_to_end_and_finished_class_is_skipped(tmp_path):
   for key in report.METRIC_KEYS:
     assert evaluated[key] == pytest.approx(row[key], abs=1e-6)
 
+  # predict: unlabelled images scored by the trained model, as the evaluation scored them.
+  out = tmp_path / "predicted"
+  scored = predict.predict_folder(str(workdir), "bottle", str(root / "bottle" / "test" / "crack"),
+                                  str(out), heatmaps=2)
+  assert [name for name, _ in scored] == ["000.png", "001.png", "002.png"]
+  lines = (out / "scores.csv").read_text().splitlines()
+  assert lines[0] == "file,score" and len(lines) == 4
+  assert len(list((out / "heatmaps").glob("*.png"))) == 2
+  with pytest.raises(FileNotFoundError, match="no image files"):
+    predict.predict_folder(str(workdir), "bottle", str(tmp_path / "empty"), str(out))
+
 
 @pytest.mark.slow
 def test_smoke_on_real_mpdd_metal_plate(tmp_path, mpdd_root):
@@ -143,8 +152,9 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path):
   run_main(killed, root, *args)
   config = smoke_config()
   grid = 64 // 8  # smoke images are 64 px; layer2 has stride 8
-  a, meta_a = load_model(straight / "mvtec_bottle", config, config.backbone.target_dim, grid**2)
-  b, meta_b = load_model(killed / "mvtec_bottle", config, config.backbone.target_dim, grid**2)
+  shape = (grid, grid, config.backbone.target_dim)
+  a, meta_a = load_model(straight / "mvtec_bottle", config, shape)
+  b, meta_b = load_model(killed / "mvtec_bottle", config, shape)
   assert meta_a["epoch"] == meta_b["epoch"] == 40
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
