@@ -23,6 +23,7 @@ from pbas_jax import backbones
 from pbas_jax import center as center_lib
 from pbas_jax import checkpoint
 from pbas_jax import data
+from pbas_jax.data import demo as demo_data
 from pbas_jax import features as features_lib
 from pbas_jax import inference
 from pbas_jax import metrics as metrics_lib
@@ -80,16 +81,27 @@ def validate(config: ml_collections.ConfigDict) -> None:
                      "folder (e.g. --config.dataset.root=/data/mvtec)")
 
 
+def cache_dir() -> str:
+  return os.environ.get("PBAS_JAX_CACHE", os.path.expanduser("~/.cache/pbas_jax"))
+
+
+def source_of(config: ml_collections.ConfigDict) -> tuple[str, str]:
+  """(builder, raw root) of the configured dataset; `demo` is a folder dataset made on the spot."""
+  if config.dataset.name == "demo":
+    return "folder", config.dataset.root or os.path.join(cache_dir(), "demo")
+  return config.dataset.name, config.dataset.root
+
+
 def class_names(config: ml_collections.ConfigDict) -> list[str]:
   """The configured classes, or every class of the dataset when `dataset.classes` is empty."""
   listed = [c.strip() for c in str(config.dataset.classes).split(",") if c.strip()]
-  return listed or data.classes(config.dataset.name, config.dataset.root or None)
+  builder, root = source_of(config)
+  return listed or data.classes(builder, root or None)
 
 
 def data_dir(config: ml_collections.ConfigDict) -> str:
   """Where prepared datasets live: shared by every run (and sweep task) of this user."""
-  return config.dataset.data_dir or os.path.join(
-      os.environ.get("PBAS_JAX_CACHE", os.path.expanduser("~/.cache/pbas_jax")), "tfds")
+  return config.dataset.data_dir or os.path.join(cache_dir(), "tfds")
 
 
 def _store(x: jax.Array, config: ml_collections.ConfigDict) -> Any:
@@ -278,7 +290,8 @@ def run_class(config: ml_collections.ConfigDict, workdir: str, class_name: str, 
   t0 = time.time()
   split_args = dict(data_dir=data_dir(config), image_size=config.dataset.image_size,
                     resize=config.dataset.resize, mask_mode=config.dataset.mask_mode)
-  test_src = data.load_split(name, config.dataset.root, class_name, "test", **split_args)
+  builder, root = source_of(config)
+  test_src = data.load_split(builder, root, class_name, "test", **split_args)
   keep = heatmap_indices(len(test_src), config.eval.heatmaps)
   t_test = time.time()
   test = extract_split(extractor, test_src, config, keep, f"{class_name} test features")
@@ -292,7 +305,7 @@ def run_class(config: ml_collections.ConfigDict, workdir: str, class_name: str, 
     state, _ = model.restore(state_template(config, test.features.shape))
     epoch = meta["epoch"]
   else:
-    train_src = data.load_split(name, config.dataset.root, class_name, "train", **split_args)
+    train_src = data.load_split(builder, root, class_name, "train", **split_args)
     subset = (data.subsample_indices(len(train_src), config.dataset.subsample, config.train.seed)
               if config.dataset.subsample < 1 else None)
     train_split = extract_split(extractor, train_src, config, np.zeros(0, int),
@@ -324,6 +337,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   os.makedirs(workdir, exist_ok=True)
   report.atomic_write(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
   notes = []
+  if config.dataset.name == "demo":
+    demo_data.make_demo_dataset(source_of(config)[1])
   if config.backbone.weights == "random":
     notes.append(f"backbone weights are random (seed {config.backbone.seed}): the numbers are "
                  "not meaningful")
