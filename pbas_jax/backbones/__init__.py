@@ -42,11 +42,17 @@ class BackboneSpec:
   torch_model: Callable[[str | None], Any]
 
 
+def _torchvision_resnet(arch: str) -> BackboneSpec:
+  return BackboneSpec(module=resnet.module_factory(arch), levels=resnet.LEVELS,
+                      convert=resnet.convert_state_dict,
+                      torch_model=functools.partial(resnet.torchvision_model, arch))
+
+
 REGISTRY: dict[str, BackboneSpec] = {
-    arch: BackboneSpec(module=resnet.module_factory(arch), levels=resnet.LEVELS,
-                       convert=resnet.convert_state_dict,
-                       torch_model=functools.partial(resnet.torchvision_model, arch))
-    for arch in resnet.ARCHS
+    "resnet18": _torchvision_resnet("resnet18"),
+    "resnet50": _torchvision_resnet("resnet50"),
+    "resnet101": _torchvision_resnet("resnet101"),
+    "wide_resnet50_2": _torchvision_resnet("wide_resnet50_2"),
 }
 
 
