@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pbas_jax.backbones import efficientnet
 from pbas_jax.backbones import resnet
 from pbas_jax.backbones import weights as weights_lib
 from pbas_jax.backbones.weights import CorruptWeightsError, WeightsNotFoundError  # pylint: disable=unused-import
@@ -53,6 +54,9 @@ REGISTRY: dict[str, BackboneSpec] = {
     "resnet50": _torchvision_resnet("resnet50"),
     "resnet101": _torchvision_resnet("resnet101"),
     "wide_resnet50_2": _torchvision_resnet("wide_resnet50_2"),
+    "efficientnet_lite0": BackboneSpec(
+        module=efficientnet.EfficientNetLite0, levels=efficientnet.LEVELS,
+        convert=efficientnet.convert_state_dict, torch_model=efficientnet.timm_model),
 }
 
 

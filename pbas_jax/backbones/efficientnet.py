@@ -6,8 +6,8 @@ BatchNorm with running statistics and eps 1e-3, ReLU6, no squeeze-excitation, a 
 and a 1280-channel head.
 
 Inputs are NHWC and ImageNet-normalized (mean (0.485, 0.456, 0.406), std (0.229, 0.224, 0.225)),
-like every backbone's; the module re-normalizes them to the mean = std = 0.5 these TensorFlow
-weights were trained with (timm's pretrained config), so the data pipeline stays backbone-agnostic.
+like every backbone's; the module re-normalizes them to the mean = std = 0.5 these TensorFlow-born
+weights expect (timm's pretrained config), so the data pipeline stays backbone-agnostic.
 
 Levels (timm's `feature_info`: the last block at each stride) and `logits`:
 
@@ -53,8 +53,7 @@ def _conv_init(groups: int):
   """timm's `_init_weight_goog`: normal, std sqrt(2 / (kh * kw * out / groups))."""
   def init(key, shape, dtype=jnp.float32):
     kh, kw, _, out = shape
-    std = np.sqrt(2.0 * groups / (kh * kw * out))
-    return std * nn.initializers.normal(1.0)(key, shape, dtype)
+    return nn.initializers.normal(np.sqrt(2.0 * groups / (kh * kw * out)))(key, shape, dtype)
   return init
 
 

