@@ -5,6 +5,7 @@ r"""The main job: train and evaluate PBAS on every configured class.
 
 Re-running the same command resumes from the latest checkpoint and skips finished classes.
 """
+import logging as std_logging
 import os
 
 from absl import app
@@ -31,8 +32,10 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   workdir = _WORKDIR.value or default_workdir(flags.FLAGS["config"].config_filename)
-  # Orbax logs every file it writes at INFO; keep the run's own log readable.
-  logging.get_absl_handler().addFilter(lambda record: "orbax" not in record.pathname)
+  # Orbax and TFDS log every file they write at INFO; keep the run's own log readable.
+  logging.get_absl_handler().addFilter(
+      lambda record: record.levelno >= std_logging.WARNING or not any(
+          lib in record.pathname for lib in ("orbax", "tensorflow_datasets")))
   logging.info("workdir: %s", workdir)
   experiment.train_and_evaluate(_CONFIG.value, workdir)
 

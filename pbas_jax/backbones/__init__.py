@@ -36,11 +36,14 @@ class BackboneSpec:
     levels: the feature-level names `layers` may use, shallow to deep.
     convert: torch `state_dict` (numpy values) -> Flax variables.
     torch_model: weights id (None = random init) -> the torch model in eval mode (convert only).
+    ensure_converted: for weights shipped inside an installed package, `(weights, cache_dir=)`
+      makes the converted file on first use (torch needed only then); None = convert by hand.
   """
   module: Callable[[Sequence[str]], nn.Module]
   levels: tuple[str, ...]
   convert: Callable[[Mapping[str, np.ndarray]], Variables]
   torch_model: Callable[[str | None], Any]
+  ensure_converted: Callable[..., Any] | None = None
 
 
 def _torchvision_resnet(arch: str) -> BackboneSpec:
@@ -56,7 +59,8 @@ REGISTRY: dict[str, BackboneSpec] = {
     "wide_resnet50_2": _torchvision_resnet("wide_resnet50_2"),
     "efficientnet_lite0": BackboneSpec(
         module=efficientnet.EfficientNetLite0, levels=efficientnet.LEVELS,
-        convert=efficientnet.convert_state_dict, torch_model=efficientnet.timm_model),
+        convert=efficientnet.convert_state_dict, torch_model=efficientnet.timm_model,
+        ensure_converted=efficientnet.ensure_converted),
 }
 
 
@@ -131,6 +135,8 @@ def load_variables(name: str, weights: str, *, seed: int = 0,
   if weights == "random" and not path.exists():
     logging.info("Backbone %s: no %s; using JAX-side random init (seed %d).", name, path, seed)
     return init_variables(name, seed)
+  if weights != "random" and not path.exists() and spec(name).ensure_converted is not None:
+    spec(name).ensure_converted(weights, cache_dir=cache_dir)
   return weights_lib.read_variables(path, variable_shapes(name),
                                     command=weights_lib.convert_command(name, weights, seed,
                                                                        cache_dir))
