@@ -5,8 +5,13 @@ whole run: the backbone is frozen and training has no augmentation); build the c
 train for the configured epochs with the jitted step over reshuffled cached features; evaluate;
 write results, heatmaps and the final model. Checkpoints make the run resumable: the same command
 continues from the latest checkpoint and skips finished classes.
+
+Everything runs data parallel over all devices (`sharding`: batches split, state replicated; one
+device is the plain case). Several runs of a class (`train.num_runs` seeds, `train.k_values`) train
+together, vmapped (`multirun`), each reported as if run alone, in `<class>/<run name>/`.
 """
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -27,7 +32,9 @@ from pbas_jax.data import demo as demo_data
 from pbas_jax import features as features_lib
 from pbas_jax import inference
 from pbas_jax import metrics as metrics_lib
+from pbas_jax import multirun
 from pbas_jax import report
+from pbas_jax import sharding
 from pbas_jax import train
 
 
@@ -74,6 +81,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     section, name = key.split(".")
     if config[section][name] <= 0:
       raise ValueError(f"--config.{key} must be positive, got {config[section][name]}")
+  multirun.runs_of(config)  # names a repeated train.k_values entry
   if not 0 < config.dataset.subsample <= 1:
     raise ValueError(f"--config.dataset.subsample must be in (0, 1], got {config.dataset.subsample}")
   if config.dataset.name != "demo" and not config.dataset.root:
@@ -107,7 +115,7 @@ def data_dir(config: ml_collections.ConfigDict) -> str:
 def _store(x: jax.Array, config: ml_collections.ConfigDict) -> Any:
   """Keeps one batch of features in the cache dtype, on device or on host."""
   x = x.astype(jnp.bfloat16 if config.train.cache_dtype == "bfloat16" else jnp.float32)
-  return np.asarray(x) if config.train.cache_device == "host" else x
+  return sharding.to_host(x) if config.train.cache_device == "host" else x
 
 
 def extract_split(extractor, source: data.Source, config: ml_collections.ConfigDict,
@@ -136,23 +144,38 @@ def extract_split(extractor, source: data.Source, config: ml_collections.ConfigD
                names=names, defect_types=types, images=np.concatenate(images))
 
 
-def predict_split(state: train.TrainState, test: Split, config: ml_collections.ConfigDict
-                  ) -> tuple[np.ndarray, np.ndarray]:
+@functools.lru_cache(maxsize=8)
+def _predictor(scoring: str, metric: str, size: int, sigma: float,
+               mesh: jax.sharding.Mesh | None):
+  """Jitted `(state, features (B, H, W, D)) -> (scores (B,), maps (B, S, S))`, per image.
+
+  With `mesh` the images are split over its devices (`sharding.jit_per_example`).
+  """
+  def predict(state, features):
+    patch = train.score_patches(state, features, scoring, metric)
+    return inference.scores_and_maps(patch, size, sigma)
+
+  return jax.jit(predict) if mesh is None else sharding.jit_per_example(predict, mesh)
+
+
+def predict_split(state: train.TrainState, test: Split, config: ml_collections.ConfigDict,
+                  mesh: jax.sharding.Mesh | None = None) -> tuple[np.ndarray, np.ndarray]:
   """Image scores (N,) and pixel maps (N, S, S) of the cached test features."""
-  size, bs = config.dataset.image_size, config.eval.batch_size
+  predict = _predictor(config.model.scoring, config.model.center_metric,
+                       config.dataset.image_size, float(config.eval.smoothing_sigma), mesh)
+  bs = config.eval.batch_size
   scores, maps = [], []
   for start in range(0, len(test.labels), bs):
-    patch = train.score_patches(state, test.features[start:start + bs], config.model.scoring,
-                                config.model.center_metric)
-    s, m = inference.scores_and_maps(patch, size, config.eval.smoothing_sigma)
-    scores.append(np.asarray(s))
-    maps.append(np.asarray(m))
+    s, m = predict(state, test.features[start:start + bs])
+    scores.append(sharding.to_host(s))
+    maps.append(sharding.to_host(m))
   return np.concatenate(scores), np.concatenate(maps)
 
 
-def evaluate(state: train.TrainState, test: Split, config: ml_collections.ConfigDict) -> dict:
+def evaluate(state: train.TrainState, test: Split, config: ml_collections.ConfigDict,
+             mesh: jax.sharding.Mesh | None = None) -> dict:
   """The five metrics (fractions, None where undefined) of `state` on the test split."""
-  scores, maps = predict_split(state, test, config)
+  scores, maps = predict_split(state, test, config, mesh)
   return metrics_lib.compute_all(scores, test.labels, maps, test.masks, config.eval.pro_variant)
 
 
@@ -208,84 +231,161 @@ def state_template(config: ml_collections.ConfigDict, features_shape) -> train.T
   return state.replace(center=jnp.zeros((h * w, dim), jnp.float32))
 
 
-def train_class(config: ml_collections.ConfigDict, class_dir: str, train_split: Split,
-                test: Split) -> tuple[train.TrainState, int]:
-  """ABL center, then the epochs of training, resumable from `class_dir/checkpoints`.
+def run_keys(seed: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The keys of the run with `seed`: heads' initial parameters, center order, training orders."""
+  k_init, k_center, k_train = jax.random.split(jax.random.key(seed), 3)
+  return k_init, k_center, k_train
 
-  Returns the state to report and its epoch: the last one, or the test-selected one under
-  `eval.selection='test_oracle'` (test curves are recorded every `eval.every_epochs`).
+
+def init_state(config: ml_collections.ConfigDict, features, seed: int) -> train.TrainState:
+  """A run's starting state: heads drawn from `seed`, ABL center over the features in its order."""
+  k_init, k_center, _ = run_keys(seed)
+  state = train.create_train_state(config, k_init, features.shape[-1])
+  center = center_lib.init_center(
+      state.project, center_batches(features, k_center, config.dataset.batch_size),
+      config.model.center_init, config.model.center_metric, config.model.center_ema, key=k_center,
+      kmeans_iters=config.model.kmeans_iters)
+  return state.replace(center=center)
+
+
+def run_dirs(class_dir: str, runs: list[multirun.Run]) -> list[str]:
+  """Each run's folder (model, heatmaps, best checkpoint): `class_dir` itself for a single run,
+  `<class_dir>/<run.name>` for runs trained together."""
+  return [class_dir] if len(runs) == 1 else [os.path.join(class_dir, run.name) for run in runs]
+
+
+def _epoch_fn(config: ml_collections.ConfigDict, runs: list[multirun.Run], features,
+              mesh: jax.sharding.Mesh | None):
+  """`(state, epoch) -> (state, [metrics of each run])`: one epoch of the runs.
+
+  A single run takes the plain step; several a stacked state and the vmapped step. Run r's epoch
+  key comes from its seed either way, so a run trains the same alone or with others.
   """
-  features, bs, epochs = train_split.features, config.dataset.batch_size, config.train.epochs
+  bs = config.dataset.batch_size
+  train_keys = jnp.stack([run_keys(run.seed)[2] for run in runs])
+  if len(runs) == 1:
+    step_fn = train.make_jit_train_step(config, mesh)
+
+    def epoch_fn(state, epoch):
+      state, metrics = train.train_epoch(
+          step_fn, state, features, jax.random.fold_in(train_keys[0], epoch), bs)
+      return state, [metrics]
+  else:
+    step_fn = multirun.make_multirun_step(config, mesh)
+    hparams = multirun.hparams_of(runs)
+
+    def epoch_fn(state, epoch):
+      keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(train_keys, epoch)
+      return multirun.train_epoch(step_fn, state, features, keys, bs, hparams)
+
+  return epoch_fn
+
+
+def train_runs(config: ml_collections.ConfigDict, class_dir: str, train_split: Split,
+               test: Split, runs: list[multirun.Run], mesh: jax.sharding.Mesh | None = None
+               ) -> list[tuple[train.TrainState, int]]:
+  """ABL centers, then the epochs of `runs` of one class, resumable from `class_dir/checkpoints`.
+
+  A single run trains with the plain step; several train together (`multirun`: the state has a
+  leading run axis), each as if alone. `metrics.jsonl` gets one line per epoch and run (with
+  `run`, `seed`, `alpha` for several).
+
+  Returns:
+    Per run, the state to report and its epoch: the last one, or the test-selected one under
+    `eval.selection='test_oracle'` (test curves are recorded every `eval.every_epochs`).
+  """
+  features, epochs, multi = train_split.features, config.train.epochs, len(runs) > 1
+  if mesh is not None and isinstance(features, jax.Array):
+    features = sharding.put(features, sharding.replicated(mesh))  # one copy per device, once
+  views = multirun.unstack if multi else lambda state: [state]
   oracle = config.eval.selection == "test_oracle"
   chash = checkpoint.config_hash(config)
-  k_init, k_center, k_train = jax.random.split(jax.random.key(config.train.seed), 3)
-  state = train.create_train_state(config, k_init, features.shape[-1])
   ckpts = checkpoint.Checkpointer(os.path.join(class_dir, "checkpoints"))
-  best_ckpt = (checkpoint.Checkpointer(os.path.join(class_dir, "best"), max_to_keep=1)
-               if oracle else None)
-  start, best = ckpts.latest_epoch() or 0, None
+  best_ckpts = [checkpoint.Checkpointer(os.path.join(d, "best"), max_to_keep=1)
+                for d in run_dirs(class_dir, runs)] if oracle else []
+  start, best = ckpts.latest_epoch() or 0, [None] * len(runs)
   if start:
-    state, meta = ckpts.restore(state_template(config, features.shape))
+    template = state_template(config, features.shape)
+    state, meta = ckpts.restore(multirun.stack([template] * len(runs)) if multi else template)
     checkpoint.check_compatible(meta, chash, ckpts.directory)
-    best = meta.get("best")
+    best = meta["best"]
     logging.info("%s: resumed from epoch %d", class_dir, start)
   else:
-    center = center_lib.init_center(
-        state.project, center_batches(features, k_center, bs), config.model.center_init,
-        config.model.center_metric, config.model.center_ema, key=k_center,
-        kmeans_iters=config.model.kmeans_iters)
-    state = state.replace(center=center)
+    states = [init_state(config, features, run.seed) for run in runs]
+    state = multirun.stack(states) if multi else states[0]
 
-  step_fn = train.make_jit_train_step(config)
+  epoch_fn = _epoch_fn(config, runs, features, mesh)
   log = _MetricsLog(os.path.join(class_dir, "metrics.jsonl"), start)
   bar = tqdm.trange(start, epochs, initial=start, total=epochs, unit="epoch",
                     desc=os.path.basename(class_dir))
   try:
     for epoch in bar:
       done = epoch + 1
-      state, m = train.train_epoch(step_fn, state, features, jax.random.fold_in(k_train, epoch), bs)
-      if not _finite(m):
-        raise NonFiniteLossError(
-            f"{os.path.basename(class_dir)}: non-finite training metrics at epoch {done} ({m}); "
-            f"stopped. The last good checkpoint (epoch {ckpts.latest_epoch()}) is kept in "
-            f"{ckpts.directory}; try a lower optim.lr / optim.dsc_lr.")
-      record = {"epoch": done, **m}
+      state, run_metrics = epoch_fn(state, epoch)
+      for run, m in zip(runs, run_metrics):
+        if not _finite(m):
+          raise NonFiniteLossError(
+              f"{os.path.basename(class_dir)}{f' {run.name}' if multi else ''}: non-finite "
+              f"training metrics at epoch {done} ({m}); stopped. The last good checkpoint (epoch "
+              f"{ckpts.latest_epoch()}) is kept in {ckpts.directory}; try a lower optim.lr / "
+              "optim.dsc_lr.")
       every = config.eval.every_epochs or (1 if oracle else 0)
-      if every and done % every == 0:
-        result = evaluate(state, test, config)
-        record.update({f"test_{k}": result[k] for k in report.METRIC_KEYS})
-        if oracle and (best is None or _test_score(result) > best["score"]):
-          best = {"epoch": done, "score": _test_score(result)}
-          best_ckpt.save(done, state, {"config_hash": chash, "epoch": done})
-      log.write(record)
+      run_states = views(state) if every and done % every == 0 else None
+      for r, (run, m) in enumerate(zip(runs, run_metrics)):
+        record = {"epoch": done, **({"run": r, "seed": run.seed, "alpha": run.k} if multi else {}),
+                  **m}
+        if run_states is not None:
+          result = evaluate(run_states[r], test, config, mesh)
+          record.update({f"test_{k}": result[k] for k in report.METRIC_KEYS})
+          if oracle and (best[r] is None or _test_score(result) > best[r]["score"]):
+            best[r] = {"epoch": done, "score": _test_score(result)}
+            best_ckpts[r].save(done, run_states[r], {"config_hash": chash, "epoch": done})
+        log.write(record)
+      m = run_metrics[0]
       bar.set_postfix(loss=f"{m['loss']:.3g}", p_true=f"{m['p_true']:.2f}",
                       p_fake=f"{m['p_fake']:.2f}", refresh=False)
       if done % config.train.checkpoint_every == 0 or done == epochs:
         ckpts.save(done, state, {"config_hash": chash, "epoch": done, "best": best,
-                                 "data_key": np.asarray(jax.random.key_data(k_train)).tolist()})
+                                 "runs": [dataclasses.asdict(run) for run in runs]})
   finally:
     log.close()
     bar.close()
   if oracle:
-    state, _ = best_ckpt.restore(state, best["epoch"])
-    return state, best["epoch"]
-  return state, epochs
+    return [(ckpt.restore(s, b["epoch"])[0], b["epoch"])
+            for ckpt, s, b in zip(best_ckpts, views(state), best)]
+  return [(s, epochs) for s in views(state)]
+
+
+def train_class(config: ml_collections.ConfigDict, class_dir: str, train_split: Split,
+                test: Split, mesh: jax.sharding.Mesh | None = None
+                ) -> tuple[train.TrainState, int]:
+  """`train_runs` for the single run of `train.seed` and `model.k`: its state and epoch."""
+  return train_runs(config, class_dir, train_split, test,
+                    [multirun.Run(config.train.seed, config.model.k)], mesh)[0]
 
 
 def run_class(config: ml_collections.ConfigDict, workdir: str, class_name: str, extractor,
-              notes: list[str]) -> dict:
-  """Prepare, extract, train (or load), evaluate and report one class; returns its results row."""
+              notes: list[str], mesh: jax.sharding.Mesh | None = None) -> list[dict]:
+  """Prepare, extract, train (or load), evaluate and report one class; returns its results rows.
+
+  One row per run of `multirun.runs_of(config)`; rows of runs trained together carry `run` and
+  `alpha` as well.
+  """
   name = config.dataset.name
   class_dir = os.path.join(workdir, f"{name}_{class_name}")
   results_path = os.path.join(class_dir, "results.json")
-  model = checkpoint.Checkpointer(os.path.join(class_dir, "model"), max_to_keep=1)
+  runs = multirun.runs_of(config)
+  dirs = run_dirs(class_dir, runs)
+  models = [checkpoint.Checkpointer(os.path.join(d, "model"), max_to_keep=1) for d in dirs]
   chash = checkpoint.config_hash(config)
-  meta = model.meta()
-  if meta and not config.eval.only and os.path.exists(results_path):
-    checkpoint.check_compatible(meta, chash, model.directory)
+  metas = [model.meta() for model in models]
+  for meta, model in zip(metas, models):
+    if meta:
+      checkpoint.check_compatible(meta, chash, model.directory)
+  if all(metas) and not config.eval.only and os.path.exists(results_path):
     logging.info("%s is finished (%s); delete it to train again", class_name, results_path)
     with open(results_path) as f:
-      return json.load(f)["rows"][0]
+      return json.load(f)["rows"]
 
   t0 = time.time()
   split_args = dict(data_dir=data_dir(config), image_size=config.dataset.image_size,
@@ -298,42 +398,59 @@ def run_class(config: ml_collections.ConfigDict, workdir: str, class_name: str, 
   t_test = time.time() - t_test
 
   if config.eval.only:
-    if meta is None:
-      raise FileNotFoundError(f"eval.only: no trained model in {model.directory}; train first "
+    missing = [model.directory for model, meta in zip(models, metas) if meta is None]
+    if missing:
+      raise FileNotFoundError(f"eval.only: no trained model in {missing[0]}; train first "
                               "(the same command without --config.eval.only)")
-    checkpoint.check_compatible(meta, chash, model.directory)
-    state, _ = model.restore(state_template(config, test.features.shape))
-    epoch = meta["epoch"]
+    template = state_template(config, test.features.shape)
+    trained = [(model.restore(template)[0], meta["epoch"]) for model, meta in zip(models, metas)]
   else:
     train_src = data.load_split(builder, root, class_name, "train", **split_args)
     subset = (data.subsample_indices(len(train_src), config.dataset.subsample, config.train.seed)
               if config.dataset.subsample < 1 else None)
     train_split = extract_split(extractor, train_src, config, np.zeros(0, int),
                                 f"{class_name} train features", subset)
-    state, epoch = train_class(config, class_dir, train_split, test)
-    model.save(epoch, state, {"config_hash": chash, "epoch": epoch})
+    trained = train_runs(config, class_dir, train_split, test, runs, mesh)
+    for model, (state, epoch) in zip(models, trained):
+      model.save(epoch, state, {"config_hash": chash, "epoch": epoch})
 
-  t_pred = time.time()
-  scores, maps = predict_split(state, test, config)
-  t_pred = time.time() - t_pred
-  result = metrics_lib.compute_all(scores, test.labels, maps, test.masks, config.eval.pro_variant)
-  notes += [f"{class_name}: {n}" for n in result.pop("notes")]
-  if len(keep):
-    masks = None if test.masks is None else test.masks[keep]
-    report.save_heatmaps(os.path.join(class_dir, "heatmaps"), test.images, masks, maps[keep],
-                         [test.names[i] for i in keep], scores[keep], limit=-1,
-                         value_range=(float(maps.min()), float(maps.max())))
-  row = {"dataset": name, "class": class_name, "seed": config.train.seed, **result,
-         "epoch": epoch, "selection": config.eval.selection,
-         "wall_time_s": time.time() - t0, "images_per_s": len(test.labels) / (t_test + t_pred)}
-  report.write_results(class_dir, [row], config.eval.selection, notes, files=("json",),
+  if len(runs) > 1:
+    notes.append(f"{class_name}: {len(runs)} runs trained together (vmapped); each row's "
+                 "wall_time_s is the class's time divided by the runs")
+  rows = []
+  for r, (run, run_dir, (state, epoch)) in enumerate(zip(runs, dirs, trained)):
+    t_pred = time.time()
+    scores, maps = predict_split(state, test, config, mesh)
+    t_pred = time.time() - t_pred
+    result = metrics_lib.compute_all(scores, test.labels, maps, test.masks,
+                                     config.eval.pro_variant)
+    notes += [n for n in (f"{class_name}: {n}" for n in result.pop("notes")) if n not in notes]
+    if len(keep):
+      masks = None if test.masks is None else test.masks[keep]
+      report.save_heatmaps(os.path.join(run_dir, "heatmaps"), test.images, masks, maps[keep],
+                           [test.names[i] for i in keep], scores[keep], limit=-1,
+                           value_range=(float(maps.min()), float(maps.max())))
+    rows.append({"dataset": name, "class": class_name, "seed": run.seed, **result,
+                 "epoch": epoch, "selection": config.eval.selection, "wall_time_s": None,
+                 "images_per_s": len(test.labels) / (t_test + t_pred),
+                 **({"run": r, "alpha": run.k} if len(runs) > 1 else {})})
+  wall_time = (time.time() - t0) / len(runs)
+  for row in rows:
+    row["wall_time_s"] = wall_time
+  report.write_results(class_dir, rows, config.eval.selection, notes, files=("json",),
                        echo=False)
-  return row
+  return rows
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Runs every configured class; writes `<workdir>/results.{csv,json,md}`; returns results.json."""
+  """Runs every configured class; writes `<workdir>/results.{csv,json,md}`; returns results.json.
+
+  Under `srun` with several tasks the processes first join (`sharding.initialize_distributed`);
+  all devices of all processes then form one data-parallel mesh.
+  """
   validate(config)
+  sharding.initialize_distributed()
+  mesh = sharding.make_mesh()
   os.makedirs(workdir, exist_ok=True)
   report.atomic_write(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
   notes = []
@@ -347,11 +464,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                        cache_dir=config.backbone.cache_dir or None)
   extractor = features_lib.make_extractor(
       config.backbone.name, variables, tuple(config.backbone.layers), config.backbone.patch_size,
-      config.backbone.pretrain_dim, config.backbone.target_dim)
+      config.backbone.pretrain_dim, config.backbone.target_dim, mesh=mesh)
   rows, failed = [], []
   for class_name in class_names(config):
     try:
-      rows.append(run_class(config, workdir, class_name, extractor, notes))
+      rows += run_class(config, workdir, class_name, extractor, notes, mesh)
     except NonFiniteLossError as e:
       logging.error("%s", e)
       failed.append(str(e))

@@ -27,6 +27,7 @@ import numpy as np
 import scipy.sparse
 
 from pbas_jax import backbones
+from pbas_jax import sharding
 
 # Above this many nonzeros in K_l's repeated block, the sum of shifted channels compiles slowly
 # (seconds per hundred terms) and a grouped convolution takes over. Only sizes without a common
@@ -172,7 +173,8 @@ def _compiler_options() -> dict[str, str]:
 
 
 def make_extractor(name: str, variables, layers: Sequence[str], patch_size: int = 3,
-                   pretrain_dim: int = 1536, target_dim: int = 1536
+                   pretrain_dim: int = 1536, target_dim: int = 1536,
+                   mesh: jax.sharding.Mesh | None = None
                    ) -> Callable[[jnp.ndarray], jnp.ndarray]:
   """Jitted backbone + patch features: images (B, S, S, 3) -> (B, H, W, D) float32.
 
@@ -182,13 +184,21 @@ def make_extractor(name: str, variables, layers: Sequence[str], patch_size: int 
       to the deepest of `layers` are kept (and put on the default device once).
     layers: backbone levels, the first one setting the output grid (e.g. ("layer2", "layer3")).
     patch_size, pretrain_dim, target_dim: as `patch_features`.
+    mesh: if given, the variables are replicated on its devices and the images split over them
+      (`sharding.jit_per_example`: any batch size, padded to a multiple of the device count);
+      else everything runs on the default device.
   """
   module = backbones.create(name, layers)
   shapes = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3), jnp.float32))
-  kept = jax.device_put({collection: {key: variables[collection][key] for key in tree}
-                         for collection, tree in shapes.items()})
+  kept = {collection: {key: variables[collection][key] for key in tree}
+          for collection, tree in shapes.items()}
 
   def extract(variables, images):
     return patch_features(module.apply(variables, images), patch_size, pretrain_dim, target_dim)
 
-  return functools.partial(jax.jit(extract, compiler_options=_compiler_options()), kept)
+  if mesh is None:
+    return functools.partial(jax.jit(extract, compiler_options=_compiler_options()),
+                             jax.device_put(kept))
+  return functools.partial(
+      sharding.jit_per_example(extract, mesh, compiler_options=_compiler_options()),
+      sharding.put(kept, sharding.replicated(mesh)))

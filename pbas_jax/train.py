@@ -1,7 +1,8 @@
 """Train state, optimizer, the PBAS train step and the epoch loop over cached features.
 
 The step is a pure function `(state, features, key) -> (state, metrics)`: no Python side effects,
-so it can be jitted (with the state donated), vmapped over a leading run axis and sharded.
+so it can be jitted (with the state donated), vmapped over a leading run axis (`multirun`) and
+sharded over the batch axis (`make_jit_train_step(config, mesh)`).
 """
 import functools
 from typing import Any, Callable, Optional
@@ -16,11 +17,15 @@ import optax
 from pbas_jax import center as center_lib
 from pbas_jax import heads
 from pbas_jax import losses
+from pbas_jax import sharding
 from pbas_jax import synthesis as synthesis_lib
 
 # The reference logs p_true / p_fake as the fractions on the right side of this score.
 DSC_MARGIN = 0.5
 SCORINGS = ("discriminator", "center_distance")
+# Hyperparameters a step may take as traced values (`hparams`), so runs that differ only in them
+# share one compiled program (`multirun`).
+TRACED_HPARAMS = ("k", "noise_std")
 
 
 @flax.struct.dataclass
@@ -89,11 +94,13 @@ def create_train_state(config: ml_collections.ConfigDict, key: jax.Array, dim: i
 def make_train_step(config: ml_collections.ConfigDict) -> Callable:
   """The pure PBAS train step for `config` (`model.*`, `optim.*`).
 
-  The returned `step(state, features (B, H, W, D), key) -> (state, metrics)` does, as the
-  reference: t = P(x) for all patches; nearest center rows (metric `model.center_metric`);
+  The returned `step(state, features (B, H, W, D), key, hparams=None) -> (state, metrics)` does,
+  as the reference: t = P(x) for all patches; nearest center rows (metric `model.center_metric`);
   L_c = mean ||t - c||; anomalies f (`model.synthesis`: AFS ray of length k * L_c, or Gaussian
   noise); logits of D on the joint batch [t; f] (BatchNorm statistics over both halves);
   L_n, L_a; one optimizer step on L_c + L_n + L_a. `key` is used by Gaussian synthesis only.
+  `hparams` optionally maps names of `TRACED_HPARAMS` to scalar arrays that replace `model.k` /
+  `model.noise_std` (traced, e.g. one value per vmapped run).
 
   Metrics (scalars): `loss`, `loss_c`, `loss_n`, `loss_a`; `p_true` (fraction of normal patches
   scored < 0.5) and `p_fake` (fraction of synthetic ones scored >= 0.5), as the reference logs
@@ -101,16 +108,24 @@ def make_train_step(config: ml_collections.ConfigDict) -> Callable:
   `grad_norm_projector`, `grad_norm_discriminator` (global L2 norms of the gradients).
   """
   model = config.model
-  synthesis, metric, k, noise_std = model.synthesis, model.center_metric, model.k, model.noise_std
+  synthesis, metric = model.synthesis, model.center_metric
   if synthesis not in synthesis_lib.SYNTHESES:
     raise ValueError(f"model.synthesis={synthesis!r}: use one of {synthesis_lib.SYNTHESES}")
   center_lib.check_metric(metric)
   tx = make_optimizer(config.optim)
 
-  def step(state: TrainState, features: jax.Array, key: jax.Array):
+  def step(state: TrainState, features: jax.Array, key: jax.Array,
+           hparams: Optional[dict] = None):
     if state.center is None:
       raise ValueError("train step: the state has no center bank; build it with "
                        "center.init_center(state.project, ...) and state.replace(center=...)")
+    hparams = hparams or {}
+    unknown = set(hparams) - set(TRACED_HPARAMS)
+    if unknown:
+      raise ValueError(f"train step: hparams {sorted(unknown)} cannot be traced; use "
+                       f"{TRACED_HPARAMS}")
+    k = hparams.get("k", model.k)
+    noise_std = hparams.get("noise_std", model.noise_std)
     x = features.reshape(-1, features.shape[-1]).astype(jnp.float32)
     n = x.shape[0]
 
@@ -154,13 +169,35 @@ def make_train_step(config: ml_collections.ConfigDict) -> Callable:
   return step
 
 
-def make_jit_train_step(config: ml_collections.ConfigDict) -> Callable:
-  """`make_train_step(config)` jitted, the incoming state donated (do not reuse it)."""
-  return jax.jit(make_train_step(config), donate_argnums=0)
+def make_jit_train_step(config: ml_collections.ConfigDict,
+                        mesh: Optional[jax.sharding.Mesh] = None) -> Callable:
+  """`make_train_step(config)` jitted, the incoming state donated (do not reuse it).
+
+  With `mesh`, data parallel: the state, key and metrics are replicated on every device and the
+  batch is split over them (`sharding.batch_sharding`); a batch whose size the device count does
+  not divide runs replicated (`sharding.batch_layout`), so the batch statistics are always those
+  of the whole batch. Arguments are placed first, so host batches and states from elsewhere are
+  accepted. One compilation per batch shape.
+  """
+  step = make_train_step(config)
+  if mesh is None:
+    return jax.jit(step, donate_argnums=0)
+  rep = sharding.replicated(mesh)
+  jitted = {layout: jax.jit(step, in_shardings=(rep, layout, rep), out_shardings=rep,
+                            donate_argnums=0)
+            for layout in (sharding.batch_sharding(mesh), rep)}
+
+  def sharded_step(state: TrainState, features, key: jax.Array):
+    layout = sharding.batch_layout(mesh, features.shape[0])
+    return jitted[layout](sharding.put(state, rep), sharding.put(features, layout),
+                          sharding.put(key, rep))
+
+  return sharded_step
 
 
 @jax.jit
-def _accumulate(total, metrics):
+def accumulate(total, metrics):
+  """`total + metrics` leaf by leaf (step metrics summed on device over an epoch)."""
   return jax.tree.map(jnp.add, total, metrics)
 
 
@@ -182,22 +219,27 @@ def train_epoch(step_fn: Callable, state: TrainState, features, key: jax.Array,
     The new state and the epoch's metrics: the mean over steps (as the reference reports them),
     as Python floats.
   """
-  n = features.shape[0]
-  if batch_size < 1:
-    raise ValueError(f"dataset.batch_size={batch_size}: must be >= 1")
-  starts = range(0, n, batch_size)
-  key_perm, key_steps = jax.random.split(key)
-  perm = jax.random.permutation(key_perm, n)
+  perm, step_keys = epoch_plan(key, features.shape[0], batch_size)
   if isinstance(features, np.ndarray):
     perm = np.asarray(perm)  # one transfer per epoch; host batches are gathered on the host
-  step_keys = jax.random.split(key_steps, len(starts))
   total = None
-  for i, start in enumerate(starts):
+  for i, start in enumerate(range(0, len(perm), batch_size)):
     batch = features[perm[start:start + batch_size]]
     state, metrics = step_fn(state, batch, step_keys[i])
-    total = metrics if total is None else _accumulate(total, metrics)
+    total = metrics if total is None else accumulate(total, metrics)
   means = jax.device_get(total)
-  return state, {name: float(v) / len(starts) for name, v in means.items()}
+  return state, {name: float(v) / len(step_keys) for name, v in means.items()}
+
+
+def epoch_plan(key: jax.Array, n: int, batch_size: int) -> tuple[jax.Array, jax.Array]:
+  """An epoch's image order `(n,)` and its per-step keys `(ceil(n / batch_size),)` from `key`.
+
+  Step i trains on `perm[i * batch_size:(i + 1) * batch_size]` (the last batch may be partial).
+  """
+  if batch_size < 1:
+    raise ValueError(f"dataset.batch_size={batch_size}: must be >= 1")
+  key_perm, key_steps = jax.random.split(key)
+  return jax.random.permutation(key_perm, n), jax.random.split(key_steps, -(-n // batch_size))
 
 
 @functools.partial(jax.jit, static_argnames=("scoring", "metric"))

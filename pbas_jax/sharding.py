@@ -1,0 +1,160 @@
+"""Data parallelism: a 1-D device mesh, shardings of state and batches, and their placement.
+
+Every device holds a replica of the train state (and of the cached features); batches are split
+along their leading axis over the mesh's `data` axis. `jax.jit` with explicit `in_shardings` /
+`out_shardings` then runs one SPMD program on all devices, XLA adding the all-reduces that batch
+means need, so the maths is that of one device on the whole batch (up to float summation order).
+
+A batch whose size the device count does not divide cannot be split evenly:
+- per-image functions (feature extraction, inference) pad it with zero rows and drop their outputs
+  (`jit_per_example`);
+- the train step computes batch means and the discriminator's BatchNorm over the joint batch, so
+  padding would change its maths; that batch runs replicated instead (`batch_layout`).
+
+Multi-host (one process per GPU under SLURM `srun`): `initialize_distributed` joins the processes,
+and `global_batch` assembles a global array from each process's own rows of a batch.
+"""
+import functools
+import os
+from typing import Any, Callable
+
+import jax
+from jax.experimental import multihost_utils
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+DATA = "data"
+
+
+def initialize_distributed() -> bool:
+  """Joins the processes of a multi-task SLURM step: `jax.distributed.initialize()`.
+
+  Runs only inside `srun` with more than one task (`SLURM_STEP_NUM_TASKS > 1`; an `sbatch`
+  script alone sets no step variables), one process per GPU. JAX reads the coordinator, process
+  count and id from SLURM and gives each process the GPU numbered `SLURM_LOCALID`, unless
+  `srun --gpus-per-task=1` already left the process a single visible GPU. Must be called before
+  anything touches a device.
+
+  Returns:
+    Whether this is a multi-process run.
+  """
+  if jax.distributed.is_initialized():
+    return True
+  if int(os.environ.get("SLURM_STEP_NUM_TASKS", "1")) <= 1:
+    return False
+  visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d]
+  jax.distributed.initialize(local_device_ids=[0] if len(visible) == 1 else None)
+  return True
+
+
+def make_mesh(devices=None) -> Mesh:
+  """A 1-D mesh with axis `data` over `devices` (default: all devices of all processes)."""
+  devices = jax.devices() if devices is None else devices
+  return Mesh(np.asarray(devices), (DATA,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  """Every device holds the whole array (the train state, cached features, keys, metrics)."""
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_sharding(mesh: Mesh, axis: int = 0) -> NamedSharding:
+  """The batch axis (`axis`, default the leading one) split over the devices, other axes whole."""
+  return NamedSharding(mesh, PartitionSpec(*(None,) * axis, DATA))
+
+
+def batch_layout(mesh: Mesh, rows: int, axis: int = 0) -> NamedSharding:
+  """`batch_sharding` when the device count divides `rows`, else `replicated` (see module doc)."""
+  return batch_sharding(mesh, axis) if rows % mesh.size == 0 else replicated(mesh)
+
+
+def pad_rows(x, multiple: int):
+  """`x (N, ...)` with zero rows appended up to a multiple of `multiple` (numpy or jax)."""
+  extra = -x.shape[0] % multiple
+  if not extra:
+    return x
+  xp = np if isinstance(x, np.ndarray) else jnp
+  return xp.concatenate([x, xp.zeros((extra, *x.shape[1:]), x.dtype)])
+
+
+def process_rows(sharding: NamedSharding, global_shape: tuple[int, ...]) -> slice:
+  """The rows of a global `global_shape` array that this process's devices hold under `sharding`.
+
+  With one process, all of them. Raises if they are not one contiguous range (a mesh whose device
+  order interleaves processes).
+  """
+  n = global_shape[0]
+  indices = sharding.addressable_devices_indices_map(tuple(global_shape)).values()
+  ranges = sorted({index[0].indices(n)[:2] if index else (0, n) for index in indices})
+  for (_, stop), (start, _) in zip(ranges, ranges[1:]):
+    if start > stop:
+      raise ValueError(f"this process's devices hold rows {ranges} of a {global_shape} array, not "
+                       "one contiguous range: build the mesh in jax.devices() order (make_mesh)")
+  return slice(ranges[0][0], max(stop for _, stop in ranges))
+
+
+def global_batch(local: np.ndarray, sharding: NamedSharding, global_rows: int) -> jax.Array:
+  """A global `(global_rows, ...)` array from this process's rows `local` (`process_rows`).
+
+  Each process passes only the rows its devices hold (`jax.make_array_from_process_local_data`);
+  with one process `local` is the whole batch and this equals `jax.device_put(local, sharding)`.
+  """
+  return jax.make_array_from_process_local_data(sharding, np.asarray(local),
+                                                (global_rows, *local.shape[1:]))
+
+
+def put(tree: Any, sharding: NamedSharding) -> Any:
+  """Every array leaf of `tree` placed with `sharding`; a no-op for leaves already there.
+
+  Host (numpy) leaves hold the whole array, the same on every process (`global_batch` with all
+  rows); device leaves are moved or resharded with `jax.device_put`, except, with several
+  processes, arrays local to this process (the same on every process), which go through the host.
+  """
+  def place(x):
+    if isinstance(x, jax.Array) and x.is_fully_addressable and jax.process_count() > 1:
+      if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+        return jax.random.wrap_key_data(place(jax.random.key_data(x)),
+                                        impl=jax.random.key_impl(x))
+      x = np.asarray(x)
+    if isinstance(x, np.ndarray):
+      return global_batch(x, sharding, x.shape[0]) if x.ndim else jax.device_put(x, sharding)
+    return jax.device_put(x, sharding)
+
+  return jax.tree.map(place, tree)
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+  """A numpy copy of a (possibly multi-process) global array, gathered from every process."""
+  if isinstance(x, np.ndarray) or x.is_fully_addressable or x.is_fully_replicated:
+    return np.asarray(x)
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def jit_per_example(fn: Callable, mesh: Mesh, num_consts: int = 1, **jit_kwargs) -> Callable:
+  """`fn(*consts, batch)` jitted to run each example of `batch` on its own device slice.
+
+  For functions whose outputs' row i depends only on `batch[i]` (no batch statistics): the
+  `num_consts` leading arguments are replicated, `batch (B, ...)` is zero-padded to a multiple of
+  the device count and split over the devices, and every output `(B', ...)` comes back with the
+  padding rows dropped. Compiled once per padded shape.
+
+  Args:
+    fn: the function; outputs are a pytree of arrays with a leading batch axis.
+    mesh: the device mesh.
+    num_consts: how many leading arguments are replicated (parameters, train state).
+    **jit_kwargs: passed to `jax.jit` (e.g. `compiler_options`).
+  """
+  rep, rows = replicated(mesh), batch_sharding(mesh)
+  jitted = jax.jit(fn, in_shardings=(rep,) * num_consts + (rows,), out_shardings=rows,
+                   **jit_kwargs)
+
+  @functools.wraps(fn)
+  def call(*args):
+    *consts, batch = args
+    n = batch.shape[0]
+    out = jitted(*put(tuple(consts), rep), put(pad_rows(batch, mesh.size), rows))
+    return out if n % mesh.size == 0 else jax.tree.map(lambda y: y[:n], out)
+
+  return call
+

@@ -1,0 +1,249 @@
+"""Data parallelism over the 8 forced host devices equals one device, for any batch size."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pbas_jax import backbones
+from pbas_jax import center as center_lib
+from pbas_jax import config_base
+from pbas_jax import experiment
+from pbas_jax import features as features_lib
+from pbas_jax import sharding
+from pbas_jax import train
+
+PRE_BN_BIAS = ("params", "discriminator", "block0_linear", "bias")
+RUNNING_MEAN = ("batch_stats", "discriminator", "block0_bn", "mean")
+
+
+@pytest.fixture(name="mesh", scope="module")
+def _mesh():
+  assert jax.device_count() == 8, "tests/conftest.py forces 8 host devices"
+  return sharding.make_mesh()
+
+
+def small_config(**model):
+  config = config_base.base_config()
+  config.model.disc_hidden = 32
+  for name, value in model.items():
+    setattr(config.model, name, value)
+  return config
+
+
+def clustered(seed, n, grid=4, dim=32):
+  """Normal features `(n, grid, grid, dim)`: one prototype per position plus noise."""
+  rng = np.random.default_rng(seed)
+  return (rng.normal(size=(grid, grid, dim)) + 0.3 * rng.normal(size=(n, grid, grid, dim))
+          ).astype(np.float32)
+
+
+def assert_states_close(a: train.TrainState, b: train.TrainState, rtol=1e-5, atol=1e-6):
+  """Train states equal to float tolerance.
+
+  The discriminator's pre-BatchNorm bias has an exactly zero gradient (BatchNorm removes it), so
+  it moves by Adam-normalized float noise that differs with the summation order: it is not
+  compared, and the running mean, which follows it, is compared to within its difference.
+  """
+  flat_a = {tuple(k.key for k in path): x for path, x in jax.tree_util.tree_leaves_with_path(
+      {"params": a.params, "batch_stats": a.batch_stats})}
+  flat_b = {tuple(k.key for k in path): x for path, x in jax.tree_util.tree_leaves_with_path(
+      {"params": b.params, "batch_stats": b.batch_stats})}
+  assert flat_a.keys() == flat_b.keys()
+  bias_gap = float(np.abs(np.asarray(flat_a[PRE_BN_BIAS]) - np.asarray(flat_b[PRE_BN_BIAS])).max())
+  assert bias_gap < 1e-2, bias_gap  # noise-sized steps of at most ~dsc_lr each
+  for path in flat_a:
+    if path == PRE_BN_BIAS:
+      continue
+    tol = atol + bias_gap if path == RUNNING_MEAN else atol
+    np.testing.assert_allclose(flat_a[path], flat_b[path], rtol=rtol, atol=tol, err_msg=str(path))
+  np.testing.assert_allclose(a.center, b.center, rtol=rtol, atol=atol)
+  assert int(a.step) == int(b.step)
+
+
+def initial_state(config, features, seed=0):
+  state = train.create_train_state(config, jax.random.key(seed), features.shape[-1])
+  return state.replace(center=center_lib.init_center(state.project, [features[:4], features[4:]]))
+
+
+def test_layouts(mesh):
+  assert sharding.batch_layout(mesh, 16) == sharding.batch_sharding(mesh)
+  assert sharding.batch_layout(mesh, 6) == sharding.replicated(mesh)
+  assert sharding.batch_sharding(mesh, axis=1).spec == jax.sharding.PartitionSpec(None, "data")
+  x = np.arange(30, dtype=np.float32).reshape(10, 3)
+  padded = sharding.pad_rows(x, 8)
+  assert padded.shape == (16, 3)
+  np.testing.assert_array_equal(padded[:10], x)
+  assert not padded[10:].any()
+  assert sharding.pad_rows(jnp.asarray(x[:8]), 8).shape == (8, 3)
+
+
+@pytest.mark.parametrize("batch_size", [
+    8,  # 10 images: a step of 8 split over the 8 devices, then a last step of 2, replicated
+    6,  # steps of 6 and 4 images on 8 devices: replicated
+])
+def test_sharded_train_epochs_equal_one_device(mesh, batch_size):
+  config = small_config()
+  features = clustered(0, n=10)
+  single, sharded = initial_state(config, features), initial_state(config, features)
+  single_step = train.make_jit_train_step(config)
+  sharded_step = train.make_jit_train_step(config, mesh)
+  for epoch in range(2):
+    key = jax.random.key(epoch)
+    single, m_single = train.train_epoch(single_step, single, features, key, batch_size)
+    sharded, m_sharded = train.train_epoch(sharded_step, sharded, jnp.asarray(features), key,
+                                           batch_size)
+    for name in m_single:
+      np.testing.assert_allclose(m_sharded[name], m_single[name], rtol=1e-5, atol=1e-6)
+  assert sharded.params["projector"]["layer0"]["kernel"].sharding == sharding.replicated(mesh)
+  assert_states_close(sharded, single)
+
+
+def test_sharded_inference_equals_one_device(mesh):
+  config = small_config()
+  config.dataset.image_size = 32
+  config.eval.batch_size = 8  # 10 test images: a batch of 8 on 8 devices, then 2 padded to 8
+  features = clustered(1, n=10)
+  state = initial_state(config, features)
+  state, _ = jax.jit(train.make_train_step(config))(state, features[:8], jax.random.key(0))
+  test = experiment.Split(features=jnp.asarray(features), labels=np.zeros(10, int), masks=None,
+                          names=[str(i) for i in range(10)], defect_types=["good"] * 10,
+                          images=np.zeros((0, 32, 32, 3), np.float32))
+  scores, maps = experiment.predict_split(state, test, config)
+  scores_8, maps_8 = experiment.predict_split(state, test, config, mesh)
+  assert scores_8.shape == (10,) and maps_8.shape == (10, 32, 32)
+  np.testing.assert_allclose(scores_8, scores, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(maps_8, maps, rtol=1e-5, atol=1e-6)
+  config.eval.batch_size = 6  # batches of 6 and 4, each padded to 8
+  scores_6, maps_6 = experiment.predict_split(state, test, config, mesh)
+  np.testing.assert_allclose(scores_6, scores, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(maps_6, maps, rtol=1e-5, atol=1e-6)
+
+
+def test_per_example_outputs_keep_their_rows(mesh):
+  double = sharding.jit_per_example(lambda w, x: (x * w, x.sum(axis=1)), mesh)
+  x = np.arange(30, dtype=np.float32).reshape(10, 3)
+  scaled, sums = double(np.float32(2), x)
+  assert scaled.shape == (10, 3) and sums.shape == (10,)
+  np.testing.assert_array_equal(scaled, 2 * x)
+  np.testing.assert_array_equal(sums, x.sum(axis=1))
+  scaled, _ = double(np.float32(2), x[:8])
+  assert scaled.sharding == sharding.batch_sharding(mesh)  # divisible: split, nothing dropped
+
+
+def test_sharded_feature_extraction_equals_one_device(mesh):
+  variables = backbones.load_variables("resnet18", "random", seed=0)
+  args = ("resnet18", variables, ("layer2", "layer3"), 3, 64, 64)
+  images = np.random.default_rng(2).normal(size=(10, 32, 32, 3)).astype(np.float32)
+  single = features_lib.make_extractor(*args)(images)
+  sharded = features_lib.make_extractor(*args, mesh=mesh)(images)  # 10 rows padded to 16
+  assert sharded.shape == single.shape == (10, 4, 4, 64)
+  np.testing.assert_allclose(sharded, single, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["batch", "replicated"])
+def test_global_batch_from_process_rows_equals_device_put(mesh, layout):
+  target = sharding.batch_sharding(mesh) if layout == "batch" else sharding.replicated(mesh)
+  x = np.random.default_rng(3).normal(size=(16, 4, 2)).astype(np.float32)
+  rows = sharding.process_rows(target, x.shape)
+  assert rows == slice(0, 16)  # one process holds every row
+  built = sharding.global_batch(x[rows], target, global_rows=16)
+  plain = jax.device_put(x, target)
+  assert built.sharding == plain.sharding == target
+  for a, b in zip(built.addressable_shards, plain.addressable_shards, strict=True):
+    assert a.device == b.device and a.index == b.index
+    np.testing.assert_array_equal(a.data, b.data)
+  np.testing.assert_array_equal(sharding.to_host(built), x)
+  np.testing.assert_array_equal(sharding.to_host(sharding.put(x, target)), x)
+
+
+def test_initialize_distributed_only_under_multi_task_srun(monkeypatch):
+  calls = []
+  monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
+  for name in ("SLURM_STEP_NUM_TASKS", "CUDA_VISIBLE_DEVICES"):
+    monkeypatch.delenv(name, raising=False)
+  monkeypatch.setenv("SLURM_NTASKS", "4")  # an sbatch script: one process, no step yet
+  assert not sharding.initialize_distributed()
+  monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "1")
+  assert not sharding.initialize_distributed()
+  assert calls == []
+  monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "4")  # srun -n 4: JAX picks GPU SLURM_LOCALID
+  assert sharding.initialize_distributed()
+  monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")  # srun --gpus-per-task=1: its only GPU
+  assert sharding.initialize_distributed()
+  assert calls == [{"local_device_ids": None}, {"local_device_ids": [0]}]
+
+
+_TWO_PROCESSES = r"""
+import json, sys
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(f"localhost:{sys.argv[2]}", num_processes=2, process_id=int(sys.argv[1]))
+import numpy as np
+from pbas_jax import sharding, train
+from test_sharding import clustered, initial_state, small_config
+
+config, features = small_config(), clustered(0, n=12)
+mesh = sharding.make_mesh()  # 2 processes x 2 devices
+rows = sharding.process_rows(sharding.batch_sharding(mesh), features.shape)
+batch = sharding.global_batch(features[rows], sharding.batch_sharding(mesh), len(features))
+state = initial_state(config, features)
+step = train.make_jit_train_step(config, mesh)
+state, metrics = train.train_epoch(step, state, batch[:10], jax.random.key(0), 4)  # 4, 4, 2
+scores = train.score_patches(state, batch)
+trained = jax.tree.leaves((state.params, state.batch_stats, state.center))
+result = {"rows": [rows.start, rows.stop], "loss": metrics["loss"],
+          "state": [sharding.to_host(x).tolist() for x in trained],
+          "scores": sharding.to_host(scores).tolist()}
+with open(sys.argv[3], "w") as f:
+  json.dump(result, f)
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_device(tmp_path):
+  """Two JAX processes (2 host devices each) joined on localhost, each feeding its own rows."""
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  script = tmp_path / "two_processes.py"
+  script.write_text(_TWO_PROCESSES)
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+             PYTHONPATH=os.pathsep.join([os.path.dirname(__file__),
+                                         os.environ.get("PYTHONPATH", "")]))
+  outputs = [tmp_path / f"process{i}.json" for i in range(2)]
+  logs = [open(tmp_path / f"process{i}.log", "w") for i in range(2)]
+  procs = [subprocess.Popen([sys.executable, str(script), str(i), str(port), str(outputs[i])],
+                            env=env, stdout=logs[i], stderr=subprocess.STDOUT)
+           for i in range(2)]
+  try:
+    for p in procs:
+      p.wait(timeout=300)
+  finally:
+    for p in procs:
+      p.kill()
+    for log in logs:
+      log.close()
+  for i, p in enumerate(procs):
+    assert p.returncode == 0, (tmp_path / f"process{i}.log").read_text()[-3000:]
+  results = [json.loads(path.read_text()) for path in outputs]
+  assert [r["rows"] for r in results] == [[0, 6], [6, 12]]
+
+  config, features = small_config(), clustered(0, n=12)
+  state = initial_state(config, features)
+  state, metrics = train.train_epoch(train.make_jit_train_step(config), state, features[:10],
+                                     jax.random.key(0), 4)
+  layout = jax.tree.structure((state.params, state.batch_stats, state.center))
+  for r in results:
+    np.testing.assert_allclose(r["loss"], metrics["loss"], rtol=1e-5)
+    params, batch_stats, center = jax.tree.unflatten(
+        layout, [np.asarray(x, np.float32) for x in r["state"]])
+    theirs = state.replace(params=params, batch_stats=batch_stats, center=center)
+    assert_states_close(theirs, state)
+    np.testing.assert_allclose(r["scores"], train.score_patches(theirs, features),
+                               rtol=1e-5, atol=1e-6)
