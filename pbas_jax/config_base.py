@@ -45,7 +45,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.synthesis = "ray"         # ray (AFS) | gaussian (SimpleNet noise)
   c.model.k = 0.25                  # anomaly degree alpha of Eq. 7 (reference code: 0.25)
   c.model.noise_std = 0.015
-  c.model.scoring = "discriminator" # discriminator | center_distance (ABL alone)
+  c.model.rbo = True                # False: ABL alone (L_c only, no discriminator; Table V)
+  c.model.scoring = "discriminator" # discriminator | center_distance (distance to nearest center)
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 1e-4
@@ -60,6 +61,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.cache_device = "auto"     # auto | device | host
   c.train.checkpoint_every = 20
   c.train.num_runs = 1              # >1: vmapped independent runs (seeds from train.seed upward)
+  c.train.k_values = ()             # model.k of runs trained together (vmapped), each with every
+                                    # seed; () = (model.k,)
 
   c.eval = ml_collections.ConfigDict()
   c.eval.every_epochs = 0           # 0 = only after the last epoch

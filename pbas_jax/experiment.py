@@ -82,6 +82,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config[section][name] <= 0:
       raise ValueError(f"--config.{key} must be positive, got {config[section][name]}")
   multirun.runs_of(config)  # names a repeated train.k_values entry
+  if not config.model.rbo and config.model.scoring == "discriminator":
+    raise ValueError("--config.model.rbo=False (ABL alone) trains no discriminator: set "
+                     "--config.model.scoring=center_distance")
   if not 0 < config.dataset.subsample <= 1:
     raise ValueError(f"--config.dataset.subsample must be in (0, 1], got {config.dataset.subsample}")
   if config.dataset.name != "demo" and not config.dataset.root:

@@ -108,6 +108,7 @@ def make_train_step(config: ml_collections.ConfigDict) -> Callable:
   `grad_norm_projector`, `grad_norm_discriminator` (global L2 norms of the gradients).
   """
   model = config.model
+  rbo = model.rbo
   synthesis, metric = model.synthesis, model.center_metric
   if synthesis not in synthesis_lib.SYNTHESES:
     raise ValueError(f"model.synthesis={synthesis!r}: use one of {synthesis_lib.SYNTHESES}")
@@ -153,12 +154,15 @@ def make_train_step(config: ml_collections.ConfigDict) -> Callable:
                  "p_true": jnp.mean(jax.nn.sigmoid(logits_t) < DSC_MARGIN),
                  "p_fake": jnp.mean(jax.nn.sigmoid(logits_f) >= DSC_MARGIN),
                  "r": d.mean(), "r_fake": r_fake}
-      return loss_c + loss_n + loss_a, (new_vars["batch_stats"], metrics)
+      # model.rbo=False is "ABL alone" (Table V): P learns from L_c only; D is not trained.
+      total = loss_c + loss_n + loss_a if rbo else loss_c
+      return total, (new_vars["batch_stats"], metrics)
 
     grads, (batch_stats, metrics) = jax.grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     metrics = dict(metrics,
-                   loss=metrics["loss_c"] + metrics["loss_n"] + metrics["loss_a"],
+                   loss=(metrics["loss_c"] + metrics["loss_n"] + metrics["loss_a"]) if rbo
+                   else metrics["loss_c"],
                    grad_norm_projector=optax.tree.norm(grads["projector"]),
                    grad_norm_discriminator=optax.tree.norm(grads["discriminator"]))
     new_state = state.replace(step=state.step + 1,

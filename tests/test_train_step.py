@@ -10,6 +10,7 @@ import pytest
 from pbas_jax import center as center_lib
 from pbas_jax import config_base
 from pbas_jax import heads
+from pbas_jax import losses
 from pbas_jax import synthesis
 from pbas_jax import train
 
@@ -291,6 +292,24 @@ def test_step_metrics_are_consistent():
   assert 0 <= m["p_true"] <= 1 and 0 <= m["p_fake"] <= 1
   assert m["grad_norm_projector"] > 0 and m["grad_norm_discriminator"] > 0
   assert int(new.step) == 1
+
+
+def test_abl_alone_trains_the_projector_on_center_loss_only():
+  """model.rbo=False (Table V, ABL alone): the loss is L_c and D receives no gradient."""
+  config = _config(rbo=False)
+  features = _clustered(2, n=4)
+  state = _state(config, 32, features)
+  _, m = jax.jit(train.make_train_step(config))(state, features[:2], jax.random.key(0))
+  np.testing.assert_allclose(m["loss"], m["loss_c"], rtol=1e-7)
+  assert float(m["grad_norm_discriminator"]) == 0.0
+  assert float(m["grad_norm_projector"]) > 0
+
+  def center_loss(projector_params):
+    t = state.projector.apply({"params": projector_params}, features[:2].reshape(-1, 32))
+    return losses.center_loss(t, center_lib.nearest(t, state.center)[1])
+
+  expected = optax.tree.norm(jax.grad(center_loss)(state.params["projector"]))
+  np.testing.assert_allclose(m["grad_norm_projector"], expected, rtol=1e-5)
 
 
 def test_gaussian_synthesis_step_uses_key():
