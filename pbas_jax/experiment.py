@@ -445,6 +445,15 @@ def run_class(config: ml_collections.ConfigDict, workdir: str, class_name: str, 
   return rows
 
 
+def make_extractor(config: ml_collections.ConfigDict, mesh=None):
+  """The configured frozen backbone + patch features: images (B, S, S, 3) -> (B, H, W, D)."""
+  b = config.backbone
+  variables = backbones.load_variables(b.name, b.weights, seed=b.seed,
+                                       cache_dir=b.cache_dir or None)
+  return features_lib.make_extractor(b.name, variables, tuple(b.layers), b.patch_size,
+                                     b.pretrain_dim, b.target_dim, mesh=mesh)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs every configured class; writes `<workdir>/results.{csv,json,md}`; returns results.json.
 
@@ -462,12 +471,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if config.backbone.weights == "random":
     notes.append(f"backbone weights are random (seed {config.backbone.seed}): the numbers are "
                  "not meaningful")
-  variables = backbones.load_variables(config.backbone.name, config.backbone.weights,
-                                       seed=config.backbone.seed,
-                                       cache_dir=config.backbone.cache_dir or None)
-  extractor = features_lib.make_extractor(
-      config.backbone.name, variables, tuple(config.backbone.layers), config.backbone.patch_size,
-      config.backbone.pretrain_dim, config.backbone.target_dim, mesh=mesh)
+  extractor = make_extractor(config, mesh)
   rows, failed = [], []
   for class_name in class_names(config):
     try:

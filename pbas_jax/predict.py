@@ -14,11 +14,9 @@ from absl import flags
 import ml_collections
 import numpy as np
 
-from pbas_jax import backbones
 from pbas_jax import checkpoint
 from pbas_jax import data
 from pbas_jax import experiment
-from pbas_jax import features as features_lib
 from pbas_jax import inference
 from pbas_jax import report
 from pbas_jax import train
@@ -54,12 +52,7 @@ def predict_folder(workdir: str, class_name: str, image_dir: str, output: str,
   size = config.dataset.image_size
   resize = data.preprocess.class_resize(config.dataset.name, class_name, size,
                                         config.dataset.resize)
-  variables = backbones.load_variables(config.backbone.name, config.backbone.weights,
-                                       seed=config.backbone.seed,
-                                       cache_dir=config.backbone.cache_dir or None)
-  extractor = features_lib.make_extractor(
-      config.backbone.name, variables, tuple(config.backbone.layers), config.backbone.patch_size,
-      config.backbone.pretrain_dim, config.backbone.target_dim)
+  extractor = experiment.make_extractor(config)
   state = None
   images, scores, maps = [], [], []
   bs = config.eval.batch_size
