@@ -15,6 +15,7 @@ import os
 import tempfile
 import time
 
+import mpdd_args
 from pbas_jax import config_base
 from pbas_jax import experiment
 from pbas_jax import report
@@ -45,9 +46,7 @@ def config_for(args, changes: dict):
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--root", default=os.path.join(os.environ.get("PBAS_DATA", "../shared/data"),
-                                                     "mpdd"))
-  parser.add_argument("--class_name", default="metal_plate")
+  mpdd_args.add_mpdd_args(parser)
   parser.add_argument("--image_size", type=int, default=288)
   parser.add_argument("--epochs", type=int, default=60)
   parser.add_argument("--every", type=int, default=10, help="test-curve interval (epochs)")

@@ -16,6 +16,7 @@ import time
 import jax
 import numpy as np
 
+import mpdd_args
 from pbas_jax import backbones
 from pbas_jax import center as center_lib
 from pbas_jax import config_base
@@ -27,10 +28,8 @@ from pbas_jax import train
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--root", default=os.path.join(os.environ.get("PBAS_DATA", "../shared/data"),
-                                                     "mpdd"))
+  mpdd_args.add_mpdd_args(parser)
   parser.add_argument("--dataset", default="mpdd")
-  parser.add_argument("--class_name", default="metal_plate")
   parser.add_argument("--image_size", type=int, default=288)
   parser.add_argument("--backbone", default="wide_resnet50_2")
   parser.add_argument("--epochs", type=int, default=3, help="timed epochs after one warm-up")

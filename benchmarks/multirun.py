@@ -18,6 +18,7 @@ import time
 import jax
 import numpy as np
 
+import mpdd_args
 from pbas_jax import backbones
 from pbas_jax import config_base
 from pbas_jax import data
@@ -65,9 +66,7 @@ def steady_epoch_s(epoch_fn, state, epochs: int) -> float:
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--root", default=os.path.join(os.environ.get("PBAS_DATA", "../shared/data"),
-                                                     "mpdd"))
-  parser.add_argument("--class_name", default="metal_plate")
+  mpdd_args.add_mpdd_args(parser)
   parser.add_argument("--runs", type=int, default=4)
   parser.add_argument("--epochs", type=int, default=3, help="epochs per run (smoke: 3)")
   parser.add_argument("--steady_epochs", type=int, default=5)
