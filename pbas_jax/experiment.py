@@ -15,7 +15,6 @@ import functools
 import json
 import os
 import time
-from typing import Any
 
 from absl import logging
 import jax
@@ -29,6 +28,7 @@ from pbas_jax import center as center_lib
 from pbas_jax import checkpoint
 from pbas_jax import data
 from pbas_jax.data import demo as demo_data
+from pbas_jax import feature_cache
 from pbas_jax import features as features_lib
 from pbas_jax import inference
 from pbas_jax import metrics as metrics_lib
@@ -40,21 +40,6 @@ from pbas_jax import train
 
 class NonFiniteLossError(FloatingPointError):
   pass
-
-
-@dataclasses.dataclass
-class Split:
-  """One split of a class, with its backbone patch features computed once.
-
-  features: (N, H, W, D) in the cache dtype; labels: (N,); masks: (N, S, S) or None;
-  names: N source file names; images: the first few preprocessed images (for heatmap panels).
-  """
-  features: Any
-  labels: np.ndarray
-  masks: np.ndarray | None
-  names: list[str]
-  defect_types: list[str]
-  images: np.ndarray
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -115,38 +100,6 @@ def data_dir(config: ml_collections.ConfigDict) -> str:
   return config.dataset.data_dir or os.path.join(cache_dir(), "tfds")
 
 
-def _store(x: jax.Array, config: ml_collections.ConfigDict) -> Any:
-  """Keeps one batch of features in the cache dtype, on device or on host."""
-  x = x.astype(jnp.bfloat16 if config.train.cache_dtype == "bfloat16" else jnp.float32)
-  return sharding.to_host(x) if config.train.cache_device == "host" else x
-
-
-def extract_split(extractor, source: data.Source, config: ml_collections.ConfigDict,
-                  keep: np.ndarray, desc: str, indices: np.ndarray | None = None) -> Split:
-  """Runs the frozen backbone once over `source` (ordered) and keeps its patch features.
-
-  `keep` are the indices of the images kept (preprocessed) for heatmap panels; `indices` restricts
-  the split to a subset (training-set subsampling).
-  """
-  feats, labels, masks, names, types, images = [], [], [], [], [], []
-  bs = config.eval.batch_size
-  count = len(source) if indices is None else len(indices)
-  for batch in tqdm.tqdm(data.batches(source, bs, indices=indices), desc=desc, unit="batch",
-                         total=-(-count // bs), leave=False):
-    valid = int(batch["valid"].sum())
-    feats.append(_store(extractor(batch["image"])[:valid], config))
-    labels.append(batch["label"][:valid])
-    masks.append(batch["mask"][:valid])
-    names += [f"{t}/{os.path.splitext(os.path.basename(f))[0]}"
-              for t, f in zip(batch["defect_type"][:valid], batch["filename"][:valid])]
-    types += list(batch["defect_type"][:valid])
-    images.append(batch["image"][:valid][np.isin(batch["index"][:valid], keep)])
-  concat = np.concatenate if config.train.cache_device == "host" else jnp.concatenate
-  return Split(features=concat(feats), labels=np.concatenate(labels),
-               masks=np.concatenate(masks) if source.has_masks else None,
-               names=names, defect_types=types, images=np.concatenate(images))
-
-
 @functools.lru_cache(maxsize=8)
 def _predictor(scoring: str, metric: str, size: int, sigma: float,
                mesh: jax.sharding.Mesh | None):
@@ -161,8 +114,9 @@ def _predictor(scoring: str, metric: str, size: int, sigma: float,
   return jax.jit(predict) if mesh is None else sharding.jit_per_example(predict, mesh)
 
 
-def predict_split(state: train.TrainState, test: Split, config: ml_collections.ConfigDict,
-                  mesh: jax.sharding.Mesh | None = None) -> tuple[np.ndarray, np.ndarray]:
+def predict_split(state: train.TrainState, test: feature_cache.Split,
+                  config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None
+                  ) -> tuple[np.ndarray, np.ndarray]:
   """Image scores (N,) and pixel maps (N, S, S) of the cached test features."""
   predict = _predictor(config.model.scoring, config.model.center_metric,
                        config.dataset.image_size, float(config.eval.smoothing_sigma), mesh)
@@ -175,8 +129,8 @@ def predict_split(state: train.TrainState, test: Split, config: ml_collections.C
   return np.concatenate(scores), np.concatenate(maps)
 
 
-def evaluate(state: train.TrainState, test: Split, config: ml_collections.ConfigDict,
-             mesh: jax.sharding.Mesh | None = None) -> dict:
+def evaluate(state: train.TrainState, test: feature_cache.Split,
+             config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None) -> dict:
   """The five metrics (fractions, None where undefined) of `state` on the test split."""
   scores, maps = predict_split(state, test, config, mesh)
   return metrics_lib.compute_all(scores, test.labels, maps, test.masks, config.eval.pro_variant)
@@ -284,8 +238,9 @@ def _epoch_fn(config: ml_collections.ConfigDict, runs: list[multirun.Run], featu
   return epoch_fn
 
 
-def train_runs(config: ml_collections.ConfigDict, class_dir: str, train_split: Split,
-               test: Split, runs: list[multirun.Run], mesh: jax.sharding.Mesh | None = None
+def train_runs(config: ml_collections.ConfigDict, class_dir: str,
+               train_split: feature_cache.Split, test: feature_cache.Split,
+               runs: list[multirun.Run], mesh: jax.sharding.Mesh | None = None
                ) -> list[tuple[train.TrainState, int]]:
   """ABL centers, then the epochs of `runs` of one class, resumable from `class_dir/checkpoints`.
 
@@ -359,8 +314,9 @@ def train_runs(config: ml_collections.ConfigDict, class_dir: str, train_split: S
   return [(s, epochs) for s in views(state)]
 
 
-def train_class(config: ml_collections.ConfigDict, class_dir: str, train_split: Split,
-                test: Split, mesh: jax.sharding.Mesh | None = None
+def train_class(config: ml_collections.ConfigDict, class_dir: str,
+                train_split: feature_cache.Split, test: feature_cache.Split,
+                mesh: jax.sharding.Mesh | None = None
                 ) -> tuple[train.TrainState, int]:
   """`train_runs` for the single run of `train.seed` and `model.k`: its state and epoch."""
   return train_runs(config, class_dir, train_split, test,
@@ -397,7 +353,8 @@ def run_class(config: ml_collections.ConfigDict, workdir: str, class_name: str, 
   test_src = data.load_split(builder, root, class_name, "test", **split_args)
   keep = heatmap_indices(len(test_src), config.eval.heatmaps)
   t_test = time.time()
-  test = extract_split(extractor, test_src, config, keep, f"{class_name} test features")
+  test = feature_cache.extract_split(extractor, test_src, config, keep,
+                                     f"{class_name} test features")
   t_test = time.time() - t_test
 
   if config.eval.only:
@@ -411,8 +368,8 @@ def run_class(config: ml_collections.ConfigDict, workdir: str, class_name: str, 
     train_src = data.load_split(builder, root, class_name, "train", **split_args)
     subset = (data.subsample_indices(len(train_src), config.dataset.subsample, config.train.seed)
               if config.dataset.subsample < 1 else None)
-    train_split = extract_split(extractor, train_src, config, np.zeros(0, int),
-                                f"{class_name} train features", subset)
+    train_split = feature_cache.extract_split(extractor, train_src, config, np.zeros(0, int),
+                                              f"{class_name} train features", subset)
     trained = train_runs(config, class_dir, train_split, test, runs, mesh)
     for model, (state, epoch) in zip(models, trained):
       model.save(epoch, state, {"config_hash": chash, "epoch": epoch})
