@@ -121,3 +121,65 @@ def scores_and_maps(patch_scores: jax.Array, size: int | tuple[int, int],
                     sigma: float = 4.0) -> tuple[jax.Array, jax.Array]:
   """(B, h, w) patch scores -> ((B,) image scores, (B, H, W) pixel maps)."""
   return image_scores(patch_scores), anomaly_maps(patch_scores, size, sigma)
+
+
+# ---------------------------------------------------------------------------------------------
+# Yardstick (our addition, not part of PBAS): the simplest detector on the same features.
+
+
+@functools.partial(jax.jit, static_argnames=("chunk",))
+def nearest_neighbour_scores(features: jax.Array, bank: jax.Array, chunk: int = 2048) -> jax.Array:
+  """(B, H, W, D) patch features -> (B, H, W) Euclidean distance to the nearest row of `bank`.
+
+  `bank` (M, D) is read in chunks of `chunk` rows (the last chunk ends at row M, overlapping the
+  one before it; the minimum does not mind), so the working set is (B*H*W, chunk) distances
+  whatever M is. Squared distances come from ||b||^2 - 2 a.b + ||a||^2, clamped at 0 against
+  rounding before the square root: a distance is exact to float32 rounding of those terms, so a
+  near-duplicate of a bank row scores up to about sqrt(eps) ||a|| (~3e-4 ||a||) instead of 0.
+  """
+  b, h, w, dim = features.shape
+  if bank.ndim != 2 or bank.shape[1] != dim:
+    raise ValueError(f"bank must be (M, {dim}) to match the features {features.shape}, got "
+                     f"{bank.shape}")
+  a = features.reshape(-1, dim).astype(jnp.float32)
+  bank = jnp.asarray(bank, jnp.float32)
+  chunk = min(chunk, bank.shape[0])
+  starts = jnp.minimum(jnp.arange(-(-bank.shape[0] // chunk)) * chunk, bank.shape[0] - chunk)
+
+  def nearest(best, start):
+    rows = jax.lax.dynamic_slice_in_dim(bank, start, chunk)
+    # HIGHEST: accelerators otherwise multiply float32 in bf16/tf32 (see _separable).
+    d2 = jnp.sum(rows * rows, axis=1) - 2 * jnp.matmul(a, rows.T,
+                                                       precision=jax.lax.Precision.HIGHEST)
+    return jnp.minimum(best, jnp.min(d2, axis=1)), None
+
+  best, _ = jax.lax.scan(nearest, jnp.full(a.shape[0], jnp.inf, jnp.float32), starts)
+  d2 = jnp.maximum(best + jnp.sum(a * a, axis=1), 0.0)
+  return jnp.sqrt(d2).reshape(b, h, w)
+
+
+def nearest_neighbour_split(train_features, test_features, size: int | tuple[int, int],
+                            sigma: float = 4.0, batch_size: int = 16, chunk: int = 2048
+                            ) -> tuple[np.ndarray, np.ndarray]:
+  """Scores a test split by the distance to a memory bank of every training patch.
+
+  Args:
+    train_features: (N, H, W, D) cached training features; all N*H*W patches form the bank.
+    test_features: (T, H, W, D) cached test features (host or device, any float dtype).
+    size, sigma: as `scores_and_maps` (the PBAS maps: bilinear upsampling, Gaussian smoothing).
+    batch_size: test images scored per call; with `chunk` it bounds the working set.
+    chunk: bank rows per step of `nearest_neighbour_scores`.
+
+  Returns:
+    Image scores (T,) (the maximum patch distance) and pixel maps (T, S, S), as numpy arrays,
+    ready for `metrics.compute_all`.
+  """
+  bank = jnp.asarray(train_features, jnp.float32).reshape(-1, train_features.shape[-1])
+  scores, maps = [], []
+  for start in range(0, test_features.shape[0], batch_size):
+    patch = nearest_neighbour_scores(jnp.asarray(test_features[start:start + batch_size]), bank,
+                                     chunk)
+    s, m = scores_and_maps(patch, size, sigma)
+    scores.append(np.asarray(s))
+    maps.append(np.asarray(m))
+  return np.concatenate(scores), np.concatenate(maps)
