@@ -1,5 +1,7 @@
 """Patch features against the authors' order of torch ops (Unfold, interpolate, adaptive pools)."""
 import importlib.util
+import pathlib
+import sys
 
 import jax
 import numpy as np
@@ -8,6 +10,9 @@ import pytest
 from conftest import require
 from pbas_jax import backbones
 from pbas_jax import features
+
+# benchmarks/torch_reference.py: the authors' torch computations, shared with the benchmarks.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
 
 
 @pytest.fixture(name="torch")
@@ -18,30 +23,10 @@ def _torch():
 
 
 def reference_patch_features(torch, maps, patch_size, pretrain_dim, target_dim):
-  """PatchMaker.patchify + the upsampling loop + Preprocessing + Aggregator, as the authors run it."""
-  F = torch.nn.functional  # pylint: disable=invalid-name
-  p, pad = patch_size, (patch_size - 1) // 2
-  unfolder = torch.nn.Unfold(kernel_size=p, stride=1, padding=pad, dilation=1)
-  patches, grids = [], []
-  for x in maps:
-    x = torch.from_numpy(np.asarray(x)).permute(0, 3, 1, 2)
-    grids.append([s + 2 * pad - (p - 1) for s in x.shape[-2:]])
-    unfolded = unfolder(x).reshape(*x.shape[:2], p, p, -1)
-    patches.append(unfolded.permute(0, 4, 1, 2, 3))  # (B, N, C, p, p)
-  ref = grids[0]
-  for i in range(1, len(patches)):
-    x = patches[i].reshape(patches[i].shape[0], *grids[i], *patches[i].shape[2:])
-    x = x.permute(0, 3, 4, 5, 1, 2)  # (B, C, p, p, h, w)
-    base = x.shape
-    x = F.interpolate(x.reshape(-1, 1, *base[-2:]), size=ref, mode="bilinear",
-                      align_corners=False)
-    x = x.reshape(*base[:-2], *ref).permute(0, 4, 5, 1, 2, 3)
-    patches[i] = x.reshape(len(x), -1, *x.shape[-3:])
-  flat = [x.reshape(-1, *x.shape[-3:]) for x in patches]
-  pooled = torch.stack([F.adaptive_avg_pool1d(x.reshape(len(x), 1, -1), pretrain_dim).squeeze(1)
-                        for x in flat], dim=1)
-  out = F.adaptive_avg_pool1d(pooled.reshape(len(pooled), 1, -1), target_dim)
-  return out.reshape(maps[0].shape[0], *ref, target_dim).numpy()
+  """The authors' PatchMaker.patchify, upsampling loop, Preprocessing and Aggregator on NHWC maps."""
+  import torch_reference  # pylint: disable=g-import-not-at-top  (needs torch)
+  nchw = [torch.from_numpy(np.asarray(x)).permute(0, 3, 1, 2) for x in maps]
+  return torch_reference.patch_features(nchw, patch_size, pretrain_dim, target_dim).numpy()
 
 
 def _maps(shapes, seed=0):
