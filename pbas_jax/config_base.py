@@ -20,9 +20,6 @@ def base_config() -> ml_collections.ConfigDict:
   c.dataset.data_dir = ""           # where prepared TFDS datasets go; "" = <workdir>/../tfds
   c.dataset.image_size = 288        # center-crop size
   c.dataset.resize = 288            # shorter side before the crop (toothbrush/wood rule applies)
-  c.dataset.resize_mode = "auto"    # crop (reference: shorter side to resize, center crop) |
-                                    # stretch (our addition: whole image to image_size square) |
-                                    # auto: crop for mvtec/visa/mpdd, stretch for folder/demo
   c.dataset.mask_mode = "reference" # reference | binary (nearest-neighbour, > 0)
   c.dataset.subsample = 1.0         # fraction of the training set kept (Table VII)
   c.dataset.batch_size = 8
@@ -63,14 +60,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.epochs = 640
   c.train.seed = 0
   c.train.cache_dtype = "float32"   # float32 | bfloat16 storage of cached features
-  c.train.feature_cache = "auto"    # auto: keep extracted features on disk (<cache dir>/features)
-                                    # and reuse them in later runs | off (pbas_jax option)
+  c.train.cache_device = "auto"     # auto | device | host
   c.train.checkpoint_every = 20
-  c.train.compute_dtype = "float32" # float32 (reference) | bfloat16: operands of the heads'
-                                    # matmuls (ours; parameters and sums stay float32)
-  c.train.param_ema = 0.0           # ours, off: > 0 = per-step decay of averaged projector and
-                                    # discriminator parameters, used for evaluation
-  c.train.num_runs = 1              # runs trained together (vmapped): seeds from train.seed up
+  c.train.num_runs = 1              # >1: vmapped independent runs (seeds from train.seed upward)
   c.train.k_values = ()             # model.k of runs trained together (vmapped), each with every
                                     # seed; () = (model.k,)
 
