@@ -20,6 +20,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.dataset.data_dir = ""           # where prepared TFDS datasets go; "" = <workdir>/../tfds
   c.dataset.image_size = 288        # center-crop size
   c.dataset.resize = 288            # shorter side before the crop (toothbrush/wood rule applies)
+  c.dataset.resize_mode = "auto"    # crop (reference: shorter side to resize, center crop) |
+                                    # stretch (our addition: whole image to image_size square) |
+                                    # auto: crop for mvtec/visa/mpdd, stretch for folder/demo
   c.dataset.mask_mode = "reference" # reference | binary (nearest-neighbour, > 0)
   c.dataset.subsample = 1.0         # fraction of the training set kept (Table VII)
   c.dataset.batch_size = 8

@@ -348,9 +348,14 @@ def run_class(config: ml_collections.ConfigDict, workdir: str, class_name: str, 
 
   t0 = time.time()
   split_args = dict(data_dir=data_dir(config), image_size=config.dataset.image_size,
-                    resize=config.dataset.resize, mask_mode=config.dataset.mask_mode)
+                    resize=config.dataset.resize, resize_mode=config.dataset.resize_mode,
+                    mask_mode=config.dataset.mask_mode)
   builder, root = source_of(config)
   test_src = data.load_split(builder, root, class_name, "test", **split_args)
+  cropped = data.crop_losses(test_src).message()  # "" when the crop keeps every defect pixel
+  if cropped:
+    logging.warning("%s", cropped)
+    notes.append(cropped)
   keep = heatmap_indices(len(test_src), config.eval.heatmaps)
   t_test = time.time()
   test = feature_cache.extract_split(extractor, test_src, config, keep,

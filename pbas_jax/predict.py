@@ -21,8 +21,6 @@ from pbas_jax import inference
 from pbas_jax import report
 from pbas_jax import train
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory written by pbas_jax.main.")
 _CLASS = flags.DEFINE_string("class_name", None, "Class whose model scores the images.")
 _IMAGES = flags.DEFINE_string("images", None, "Folder of images to score.")
@@ -44,20 +42,20 @@ def predict_folder(workdir: str, class_name: str, image_dir: str, output: str,
   if model.latest_epoch() is None:
     raise FileNotFoundError(f"no trained model in {model.directory}: train class {class_name} "
                             "with pbas_jax.main first")
-  files = sorted(os.path.join(image_dir, n) for n in os.listdir(image_dir)
-                 if n.lower().endswith(IMAGE_SUFFIXES)) if os.path.isdir(image_dir) else []
+  files = [str(p) for p in data.image_files(image_dir)] if os.path.isdir(image_dir) else []
   if not files:
-    raise FileNotFoundError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) in {image_dir}")
+    raise FileNotFoundError(f"no image files ({', '.join(data.IMAGE_EXTENSIONS)}) in {image_dir}")
 
   size = config.dataset.image_size
-  resize = data.preprocess.class_resize(config.dataset.name, class_name, size,
-                                        config.dataset.resize)
+  # As training preprocessed; runs from before resize_mode existed cropped.
+  geometry = data.geometry(config.dataset.name, class_name, size, config.dataset.resize,
+                           config.dataset.get("resize_mode", "crop"))
   extractor = experiment.make_extractor(config)
   state = None
   images, scores, maps = [], [], []
   bs = config.eval.batch_size
   for start in range(0, len(files), bs):
-    batch = np.stack([data.load_image(p, size, resize) for p in files[start:start + bs]])
+    batch = np.stack([data.load_image(p, geometry) for p in files[start:start + bs]])
     feats = extractor(batch)
     if state is None:
       state, _ = model.restore(experiment.state_template(config, feats.shape))

@@ -90,3 +90,41 @@ def write_visa_csv(root: pathlib.Path, rows, header=("object", "split", "label",
     writer.writerow(header)
     writer.writerows(rows)
   return path
+
+
+# Defective test images of `nonsquare_tree`: name -> ((width, height), mask box (x0, y0, x1, y1)).
+# Under a center crop (shorter side = crop size) `top` loses its whole defect, `right` 75% and
+# `left` 50% of it; `center` keeps it. Stretching keeps every defect.
+NONSQUARE_DEFECTS = {
+    "center": ((60, 60), (20, 20, 40, 40)),
+    "left": ((108, 40), (24, 10, 44, 30)),    # aspect 2.7; columns 34..73 survive the crop
+    "right": ((100, 50), (70, 20, 90, 30)),   # aspect 2.0; columns 25..74 survive
+    "top": ((40, 100), (10, 2, 30, 14)),      # aspect 0.4; rows 30..69 survive
+}
+NONSQUARE_LOST = {"center": 0.0, "left": 0.5, "right": 0.75, "top": 1.0}
+
+
+def nonsquare_tree(root: pathlib.Path, class_name: str = "part", *, masks: bool = True,
+                   defects: bool = True, seed: int = 0) -> pathlib.Path:
+  """A folder class of noise images with aspect ratios 0.4 to 2.7: 6 train/good, 2 test/good and
+  (with `defects`) test/defect/<NONSQUARE_DEFECTS> with masks in ground_truth/ (`masks`); the
+  defect region is brightened. Returns root."""
+  rng = np.random.default_rng(seed)
+  base = root / class_name
+
+  def noise(w, h):
+    return rng.integers(60, 120, (h, w, 3))
+
+  for k, size in enumerate([(40, 100), (60, 80), (64, 64), (80, 60), (100, 50), (108, 40)]):
+    write_image(base / "train" / "good" / f"{k:03d}.png", noise(*size))
+  for k, size in enumerate([(50, 100), (100, 50)]):
+    write_image(base / "test" / "good" / f"{k:03d}.png", noise(*size))
+  for name, ((w, h), (x0, y0, x1, y1)) in NONSQUARE_DEFECTS.items() if defects else ():
+    image = noise(w, h)
+    image[y0:y1, x0:x1] = 250
+    write_image(base / "test" / "defect" / f"{name}.png", image)
+    if masks:
+      mask = np.zeros((h, w), np.uint8)
+      mask[y0:y1, x0:x1] = 255
+      write_image(base / "ground_truth" / "defect" / f"{name}_mask.png", mask)
+  return root

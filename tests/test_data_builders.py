@@ -77,7 +77,7 @@ def test_grayscale_classes_and_toothbrush_rule(tmp_path):
   root = data_trees.mvtec_tree(tmp_path / "raw", "toothbrush", channels=1, size=(48, 48))
   test = data.load_split("mvtec", root, "toothbrush", "test", data_dir=tmp_path / "tfds",
                          image_size=32, resize=32)
-  assert test.resize == int(32 * 8 / 7)
+  assert test.geometry.resize == int(32 * 8 / 7)
   row = test[0]  # crack/000: its square of side 2; 48 -> 36 -> crop 32 at offset 2
   assert row["image"].shape == (32, 32, 3)
   np.testing.assert_allclose(row["image"][5, 5], _normalized_gray(data_trees.image_value(0)),

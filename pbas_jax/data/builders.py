@@ -7,7 +7,7 @@ and mtime) is unchanged, and prepares again (replacing it) when the source chang
 are found before TFDS writes anything; unreadable files are found while writing, inside TFDS's
 temporary `incomplete.*` folder, which is removed on error, so no half-prepared data is left.
 
-Layouts (see docs/reference.md, "Datasets"):
+Layouts (README, "Your own data", walks through the folder layout):
 
   mvtec, mpdd, folder  <root>/<class>/train/good/*            normal training images (required)
                        <root>/<class>/test/<type>/*           `good` or a defect type
@@ -36,6 +36,7 @@ Dataset-level metadata (`info.metadata`): fingerprint, root, has_masks (False wh
 images have no masks).
 """
 import concurrent.futures
+import contextlib
 import csv
 import dataclasses
 import fcntl
@@ -52,6 +53,7 @@ from etils import epath
 import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
+import tqdm
 
 from pbas_jax.data import preprocess
 from pbas_jax.data.preprocess import DatasetError, DatasetNotFoundError
@@ -119,10 +121,11 @@ def _existing_root(root, dataset: str) -> pathlib.Path:
   return path.resolve()
 
 
-def _images(folder: pathlib.Path) -> list:
-  """Image files of a folder, sorted by name; hidden and non-image files are ignored."""
-  return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
-                and p.suffix.lower() in IMAGE_EXTENSIONS)
+def image_files(folder) -> list:
+  """Image files (`IMAGE_EXTENSIONS`) of a folder as paths, sorted by name; hidden and other files
+  are ignored. Used by the builders and by `pbas_jax.predict`."""
+  return sorted(p for p in pathlib.Path(folder).iterdir() if p.is_file()
+                and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
 def _subdirs(folder: pathlib.Path) -> list:
@@ -141,7 +144,7 @@ def _pair_masks(images: list, mask_dir: pathlib.Path, root: pathlib.Path) -> lis
         "images. Add the ground-truth masks (a folder dataset may instead omit ground_truth/ "
         "entirely: pixel metrics are then skipped)")
   by_name = {}
-  for m in _images(mask_dir):
+  for m in image_files(mask_dir):
     name = m.stem[:-len("_mask")] if m.stem.endswith("_mask") else m.stem
     if name in by_name:
       raise DatasetError(f"{by_name[name].name} and {m.name} in {mask_dir} are both masks of "
@@ -167,7 +170,7 @@ def _scan_folders(dataset: str, root: pathlib.Path, class_name: str) -> tuple:
     raise DatasetError(f"{train_dir} is missing: {dataset} expects the MVTec AD layout "
                        f"<root>/<class>/train/good/*.png (is dataset.root the folder holding the "
                        f"class folders?)")
-  train = _images(train_dir)
+  train = image_files(train_dir)
   if not train:
     raise DatasetError(f"empty training set: {train_dir} holds no image files "
                        f"({', '.join(IMAGE_EXTENSIONS)})")
@@ -182,7 +185,7 @@ def _scan_folders(dataset: str, root: pathlib.Path, class_name: str) -> tuple:
     raise DatasetError(f"{gt_dir} is missing: {dataset} needs a mask for every defective test "
                        "image in ground_truth/<defect type>/<name>_mask.png")
   has_masks = gt_dir.is_dir()
-  loose = _images(test_dir)
+  loose = image_files(test_dir)
   if loose:
     raise DatasetError(f"{loose[0]} lies directly in {test_dir}: test images go in "
                        "test/good/ or test/<defect type>/")
@@ -191,7 +194,7 @@ def _scan_folders(dataset: str, root: pathlib.Path, class_name: str) -> tuple:
     raise DatasetError(f"{test_dir} has no test/<type>/ folders (good or a defect type)")
   test, files = [], [*train]
   for folder in types:
-    images = _images(folder)
+    images = image_files(folder)
     if not images:
       raise DatasetError(f"{folder} holds no image files: remove the folder or add images")
     files += images
@@ -294,10 +297,8 @@ def scan(dataset: str, root, class_name: str) -> Plan:
 
 def _binarized_png(mask: Image.Image) -> bytes:
   """'L' 0/255 PNG of a mask in any mode (> 0 -> 255)."""
-  # 'L' maps palette, colour and 1-bit masks to gray levels; wider modes are compared directly.
-  values = np.asarray(mask if mask.mode in ("I", "I;16", "F") else mask.convert("L"))
   buffer = io.BytesIO()
-  Image.fromarray(np.where(values > 0, 255, 0).astype(np.uint8), "L").save(buffer, "png")
+  Image.fromarray(preprocess.mask_pixels(mask).astype(np.uint8) * 255, "L").save(buffer, "png")
   return buffer.getvalue()
 
 
@@ -356,18 +357,30 @@ class _BaseBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     plan = scan(self.DATASET, dl_manager.manual_dir, self.builder_config.name)
     self.info.metadata.update(fingerprint=plan.fingerprint, root=str(plan.root),
                               has_masks=plan.has_masks)
-    return {split: self._generate_examples(plan.root, records)
+    return {split: self._generate_examples(plan.root, records, split)
             for split, records in plan.splits.items()}
 
-  def _generate_examples(self, root: pathlib.Path, records: list) -> Iterator:
+  def _generate_examples(self, root: pathlib.Path, records: list, split: str) -> Iterator:
     binarize = self.DATASET == "folder"
-    with concurrent.futures.ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+    bar = tqdm.tqdm(total=len(records), unit="image", leave=False,
+                    desc=f"preparing {self.DATASET}/{self.builder_config.name} {split}")
+    with bar, concurrent.futures.ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
       for start in range(0, len(records), _CHUNK):
         chunk = records[start:start + _CHUNK]
         checked = pool.map(lambda r: _read_checked(root, r, binarize), chunk)
         for r, (image, mask) in zip(chunk, checked):
+          bar.update()
           yield r.image, {"image": image, "mask": mask, "label": r.label,
                           "defect_type": r.defect_type, "filename": r.image}
+
+  # TFDS prints "Downloading and preparing dataset Unknown size (download: Unknown size, ...)" and
+  # "Subsequent calls will reuse this data" around every build; nothing is downloaded here (the
+  # source is a local folder) and `prepare` logs what happens instead.
+  def _log_download_bytes(self) -> None:
+    pass
+
+  def _log_download_done(self) -> None:
+    pass
 
 
 def _configs(dataset: str) -> list:
@@ -434,9 +447,20 @@ def prepare(dataset: str, root, class_name: str, *, data_dir) -> tfds.core.Datas
   # Sweep tasks of one class start together and share data_dir: one prepares, the others wait and
   # then find the data prepared.
   os.makedirs(data_dir, exist_ok=True)
-  with open(os.path.join(data_dir, f".{dataset}_{class_name}.lock"), "w") as lock:
-    fcntl.flock(lock, fcntl.LOCK_EX)
+  with file_lock(os.path.join(data_dir, f".{dataset}_{class_name}.lock")):
     return _prepare_locked(dataset, class_name, data_dir, plan)
+
+
+@contextlib.contextmanager
+def file_lock(path) -> Iterator[None]:
+  """Holds an exclusive lock on the file `path` (made if missing) while the block runs.
+
+  Excludes other processes (other hosts too where the file system supports flock, as NFS does) and
+  other threads, each of which opens the file itself.
+  """
+  with open(path, "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    yield
 
 
 def _prepare_locked(dataset, class_name, data_dir, plan) -> tfds.core.DatasetBuilder:
@@ -450,7 +474,21 @@ def _prepare_locked(dataset, class_name, data_dir, plan) -> tfds.core.DatasetBui
     mode = tfds.download.GenerateMode.FORCE_REDOWNLOAD
   else:
     mode = tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
-  b.download_and_prepare(download_config=tfds.download.DownloadConfig(
-      manual_dir=os.fspath(plan.root), download_mode=mode))
+  logging.info("preparing %s/%s from %s into %s (once; later runs reuse it)", dataset,
+               class_name, plan.root, b.data_dir)
+  with _tfds_bars_off():
+    b.download_and_prepare(download_config=tfds.download.DownloadConfig(
+        manual_dir=os.fspath(plan.root), download_mode=mode))
   # A fresh builder reads back what was written, metadata included.
   return builder(dataset, class_name, data_dir)
+
+
+@contextlib.contextmanager
+def _tfds_bars_off():
+  """TFDS's progress bars (one per split, plus "Shuffling <long temporary path>") are replaced by
+  one bar per split of `_generate_examples`; real warnings still go through logging."""
+  tfds.disable_progress_bar()
+  try:
+    yield
+  finally:
+    tfds.enable_progress_bar()

@@ -10,10 +10,13 @@ mask the padded rows (`batch["image"][batch["valid"]]`).
 """
 import collections
 import concurrent.futures
+import dataclasses
+import io
 import os
 from typing import Iterator, Optional, Sequence
 
 import numpy as np
+from PIL import Image
 import tensorflow_datasets as tfds
 
 from pbas_jax.data import builders
@@ -37,11 +40,11 @@ class Source:
   `has_masks` is False when any defective image lacks a mask: pixel metrics must be skipped.
   """
 
-  def __init__(self, data_source, *, dataset: str, class_name: str, split: str, image_size: int,
-               resize: int, mask_rule: str, has_masks: bool):
+  def __init__(self, data_source, *, dataset: str, class_name: str, split: str,
+               geometry: preprocess.Geometry, mask_rule: str, has_masks: bool):
     self._data = data_source
     self.dataset, self.class_name, self.split = dataset, class_name, split
-    self.image_size, self.resize, self.mask_rule = image_size, resize, mask_rule
+    self.geometry, self.mask_rule = geometry, mask_rule
     self.has_masks = has_masks
 
   def __len__(self) -> int:
@@ -54,17 +57,17 @@ class Source:
   def decode(self, record: dict, index: int) -> dict:
     """Decodes and preprocesses one stored example (thread-safe; PIL releases the GIL)."""
     filename = record["filename"].decode()
-    s = self.image_size
+    s = self.geometry.size
     image = preprocess.open_image(record["image"], f"{self.dataset}/{self.class_name} {filename}")
     label = int(record["label"])
     if record["mask"]:
       mask = preprocess.open_image(record["mask"], f"mask of {filename}")
-      mask = preprocess.preprocess_mask(mask, s, self.resize, self.mask_rule)
+      mask = preprocess.preprocess_mask(mask, self.geometry, self.mask_rule)
     else:
       # No mask file: normal images are defect-free; a defective one's mask is unknown.
       mask = np.full((s, s), np.nan if label else 0.0, np.float32)
     return {
-        "image": preprocess.preprocess_image(image, s, self.resize),
+        "image": preprocess.preprocess_image(image, self.geometry),
         "mask": mask,
         "has_mask": not np.isnan(mask[0, 0]),
         "label": np.int32(label),
@@ -81,7 +84,8 @@ class Source:
 
 
 def load_split(dataset: str, root, class_name: str, split: str, *, data_dir,
-               image_size: int = 288, resize: int = 288, mask_mode: str = "reference") -> Source:
+               image_size: int = 288, resize: int = 288, resize_mode: str = "auto",
+               mask_mode: str = "reference") -> Source:
   """Prepares the class if needed (see `builders.prepare`) and returns a split's Source.
 
   Args:
@@ -90,11 +94,13 @@ def load_split(dataset: str, root, class_name: str, split: str, *, data_dir,
     class_name: one of `classes(dataset)` (folder: a folder of root holding train/good).
     split: train | test.
     data_dir: where prepared datasets are stored.
-    image_size: center-crop size S.
+    image_size: output side S.
     resize: shorter side before the crop (MVTec toothbrush/wood: int(S * 8 / 7) instead).
+    resize_mode: auto | crop | stretch (`preprocess.geometry`; auto: crop for mvtec, visa and
+      mpdd, stretch for folder).
     mask_mode: reference (the dataset's reference rule) | binary (nearest-neighbour, > 0).
   """
-  preprocess.check_sizes(image_size, resize)
+  geometry = preprocess.geometry(dataset, class_name, image_size, resize, resize_mode)
   rule = preprocess.mask_rule(dataset, mask_mode)
   builder = builders.prepare(dataset, root, class_name, data_dir=data_dir)
   if split not in builder.info.splits:
@@ -105,9 +111,72 @@ def load_split(dataset: str, root, class_name: str, split: str, *, data_dir,
       "image": tfds.decode.SkipDecoding(), "mask": tfds.decode.SkipDecoding()})
   has_masks = split == "train" or bool(builder.info.metadata["has_masks"])
   return Source(data_source, dataset=dataset, class_name=class_name, split=split,
-                image_size=image_size, resize=preprocess.class_resize(dataset, class_name,
-                                                                      image_size, resize),
-                mask_rule=rule, has_masks=has_masks)
+                geometry=geometry, mask_rule=rule, has_masks=has_masks)
+
+
+@dataclasses.dataclass(frozen=True)
+class CropReport:
+  """Defect pixels that a split's geometry drops (the center crop of `resize_mode=crop`).
+
+  count: defective images with a mask that lose mask pixels, of `total` defective images with a
+  mask; worst: up to 5 (filename, fraction of its mask pixels lost), largest first; removed:
+  filenames whose whole defect is outside the crop (still labelled defective).
+  """
+  name: str
+  geometry: preprocess.Geometry
+  count: int
+  total: int
+  worst: list
+  removed: list
+
+  def message(self) -> str:
+    """One line for the log and the results notes; "" when no defect pixel is lost."""
+    if not self.count:
+      return ""
+    g = self.geometry
+    worst = ", ".join(f"{f} {lost:.1%}" for f, lost in self.worst)
+    text = (f"{self.name}: the center crop (dataset.resize_mode=crop: shorter side {g.resize}, "
+            f"crop {g.size}) cuts defect pixels from {self.count} of {self.total} defective "
+            f"images with masks; most lost: {worst}")
+    if self.removed:
+      shown = ", ".join(self.removed[:10]) + (" ..." if len(self.removed) > 10 else "")
+      text += (f"; the whole defect is cropped away from {len(self.removed)} of them (still "
+               f"labelled defective): {shown}")
+    return text + ". --config.dataset.resize_mode=stretch keeps the whole image."
+
+
+def _lost_fraction(mask_bytes: bytes, geo: preprocess.Geometry, name: str) -> float:
+  """Fraction of a mask's pixels (native resolution) outside the geometry's kept window."""
+  w, h = Image.open(io.BytesIO(mask_bytes)).size  # reads the header only
+  rw, rh = geo.resized(w, h)
+  left, top, right, bottom = geo.window(w, h)
+  # A native pixel is kept when its centre lands inside the window of the resized image.
+  x = (np.arange(w) + 0.5) * (rw / w)
+  y = (np.arange(h) + 0.5) * (rh / h)
+  keep_x, keep_y = (x >= left) & (x < right), (y >= top) & (y < bottom)
+  if keep_x.all() and keep_y.all():
+    return 0.0
+  pixels = preprocess.mask_pixels(preprocess.open_image(mask_bytes, name))
+  total = int(pixels.sum())
+  return 1.0 - int(pixels[keep_y][:, keep_x].sum()) / total if total else 0.0
+
+
+def crop_losses(source: Source) -> CropReport:
+  """Measures how much of each defective image's mask the geometry drops; decodes only masks
+  of images that are actually cropped."""
+  losses, total = [], 0
+  for start in range(0, len(source), 64):
+    for r in source.read(range(start, min(start + 64, len(source)))):
+      if int(r["label"]) and r["mask"]:
+        total += 1
+        name = r["filename"].decode()
+        lost = _lost_fraction(r["mask"], source.geometry, f"mask of {name}")
+        if lost > 0:
+          losses.append((name, lost))
+  losses.sort(key=lambda item: -item[1])
+  return CropReport(name=f"{source.dataset}/{source.class_name} {source.split}",
+                    geometry=source.geometry, count=len(losses), total=total, worst=losses[:5],
+                    removed=[f for f, lost in losses if lost >= 1.0])
 
 
 def subsample_indices(n: int, fraction: float, seed: int) -> np.ndarray:

@@ -1,9 +1,18 @@
 """Image and mask preprocessing, identical to the reference's torchvision pipeline by default.
 
-Image: PIL RGB (grayscale, palette and RGBA converted) -> resize of the shorter side to `resize`
-with PIL bilinear (antialiased as PIL does; the longer side becomes int(resize * long / short), as
-torchvision computes it) -> center crop `image_size` (offsets rounded as torchvision rounds them)
--> ToTensor (/ 255 in float32) -> ImageNet normalization.
+Image: PIL RGB (grayscale, palette and RGBA converted) -> geometry (below) -> ToTensor (/ 255 in
+float32) -> ImageNet normalization (`IMAGENET_MEAN`, `IMAGENET_STD`, the only copy).
+
+Geometry (`dataset.resize_mode`, resolved by `geometry`):
+
+  "crop"     the reference: resize of the shorter side to `resize` with PIL bilinear (antialiased
+             as PIL does; the longer side becomes int(resize * long / short), as torchvision
+             computes it) -> center crop `image_size` (offsets rounded as torchvision rounds them).
+             On non-square images the crop drops the ends of the longer side, defects there
+             included (`data.crop_losses` measures this).
+  "stretch"  the whole image resized bilinearly to image_size x image_size (aspect ratio not kept,
+             nothing dropped; `resize` is unused).
+  "auto"     crop for the benchmark datasets (mvtec, visa, mpdd), stretch for folder and demo.
 
 Masks follow the same geometry; `rule` says how the resized mask becomes binary. Every rule
 returns a float32 0/1 map, so downstream code reads `mask > 0.5` whatever the dataset:
@@ -16,6 +25,7 @@ returns a float32 0/1 map, so downstream code reads `mask > 0.5` whatever the da
              every pixel the bilinear kernel touches from an anomalous pixel counts.
   "binary"   option `mask_mode='binary'`: mask converted to 'L', nearest-neighbour resize, > 0.
 """
+import dataclasses
 import io
 import os
 from typing import Union
@@ -26,6 +36,9 @@ from PIL import Image
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 MASK_RULES = ("exact", "positive", "binary")
+RESIZE_MODES = ("auto", "crop", "stretch")
+# Datasets whose reference geometry (crop) `resize_mode='auto'` keeps; others are stretched.
+CROP_DATASETS = ("mvtec", "visa", "mpdd")
 
 
 class DatasetError(ValueError):
@@ -58,12 +71,6 @@ def open_image(source: Union[bytes, str, os.PathLike], name: str) -> Image.Image
   return image
 
 
-def check_sizes(image_size: int, resize: int) -> None:
-  if image_size <= 0 or resize < image_size:
-    raise ValueError(f"dataset.resize ({resize}) must be >= dataset.image_size ({image_size}) > 0: "
-                     "the center crop is taken from the resized image")
-
-
 def class_resize(dataset: str, class_name: str, image_size: int, resize: int) -> int:
   """Shorter-side size for a class: the reference's MVTec `toothbrush`/`wood` rule, else `resize`.
 
@@ -74,44 +81,82 @@ def class_resize(dataset: str, class_name: str, image_size: int, resize: int) ->
   return resize
 
 
-def _resize_shorter(image: Image.Image, size: int, resample: int) -> Image.Image:
-  """Resizes the shorter side to `size`, the longer one to int(size * long / short)."""
-  w, h = image.size
-  if w <= h:
-    new_w, new_h = size, int(size * h / w)
-  else:
-    new_w, new_h = int(size * w / h), size
-  return image.resize((new_w, new_h), resample)
+@dataclasses.dataclass(frozen=True)
+class Geometry:
+  """How a source image of any size becomes (size, size) (module docstring).
+
+  size: output side S; resize: shorter side before the crop (mode "crop" only);
+  mode: "crop" | "stretch".
+  """
+  size: int
+  resize: int
+  mode: str
+
+  def resized(self, w: int, h: int) -> tuple:
+    """(width, height) of a w x h image after the resize step."""
+    if self.mode == "stretch":
+      return self.size, self.size
+    if w <= h:
+      return self.resize, int(self.resize * h / w)
+    return int(self.resize * w / h), self.resize
+
+  def window(self, w: int, h: int) -> tuple:
+    """(left, top, right, bottom) of the kept region, in the resized image's pixels."""
+    rw, rh = self.resized(w, h)
+    # Python's round (half to even) on the half-difference, as torchvision's center_crop.
+    top = int(round((rh - self.size) / 2.0))
+    left = int(round((rw - self.size) / 2.0))
+    return left, top, left + self.size, top + self.size
+
+  def apply(self, image: Image.Image, resample: int) -> Image.Image:
+    """The (size, size) PIL image, resized with `resample` (and center-cropped in crop mode)."""
+    w, h = image.size
+    image = image.resize(self.resized(w, h), resample)
+    return image if self.mode == "stretch" else image.crop(self.window(w, h))
 
 
-def _center_crop(image: Image.Image, size: int) -> Image.Image:
-  w, h = image.size
-  # Python's round (half to even) on the half-difference, as torchvision's center_crop.
-  top = int(round((h - size) / 2.0))
-  left = int(round((w - size) / 2.0))
-  return image.crop((left, top, left + size, top + size))
+def geometry(dataset: str, class_name: str, image_size: int, resize: int,
+             resize_mode: str = "auto") -> Geometry:
+  """The geometry of a class under `dataset.resize_mode` (auto | crop | stretch).
+
+  Training, evaluation and `pbas_jax.predict` all call this, so they preprocess alike.
+  """
+  if resize_mode not in RESIZE_MODES:
+    raise ValueError(f"dataset.resize_mode={resize_mode!r} is not valid; choose one of "
+                     f"{', '.join(RESIZE_MODES)}")
+  if resize_mode == "auto":
+    resize_mode = "crop" if dataset in CROP_DATASETS else "stretch"
+  if resize_mode == "stretch":
+    if image_size <= 0:
+      raise ValueError(f"dataset.image_size ({image_size}) must be > 0")
+    return Geometry(image_size, image_size, "stretch")
+  resize = class_resize(dataset, class_name, image_size, resize)
+  if image_size <= 0 or resize < image_size:
+    raise ValueError(f"dataset.resize ({resize}) must be >= dataset.image_size ({image_size}) > 0: "
+                     "the center crop is taken from the resized image")
+  return Geometry(image_size, resize, "crop")
 
 
-def preprocess_image(image: Image.Image, image_size: int, resize: int) -> np.ndarray:
-  """PIL image (any mode) -> normalized float32 (image_size, image_size, 3)."""
-  check_sizes(image_size, resize)
-  image = _center_crop(_resize_shorter(image.convert("RGB"), resize, Image.BILINEAR), image_size)
-  x = np.asarray(image, np.float32) / np.float32(255.0)
+def mask_pixels(mask: Image.Image) -> np.ndarray:
+  """Anomalous pixels of a mask in any mode at its own resolution (> 0): bool (H, W)."""
+  # 'L' maps palette, colour and 1-bit masks to gray levels; wider modes are compared directly.
+  return np.asarray(mask if mask.mode in ("I", "I;16", "F") else mask.convert("L")) > 0
+
+
+def preprocess_image(image: Image.Image, geo: Geometry) -> np.ndarray:
+  """PIL image (any mode) -> normalized float32 (S, S, 3)."""
+  x = np.asarray(geo.apply(image.convert("RGB"), Image.BILINEAR), np.float32) / np.float32(255.0)
   return (x - IMAGENET_MEAN) / IMAGENET_STD
 
 
-def preprocess_mask(mask: Image.Image, image_size: int, resize: int, rule: str) -> np.ndarray:
-  """PIL mask (any mode) -> float32 0/1 (image_size, image_size) by `rule` (module docstring)."""
-  check_sizes(image_size, resize)
+def preprocess_mask(mask: Image.Image, geo: Geometry, rule: str) -> np.ndarray:
+  """PIL mask (any mode) -> float32 0/1 (S, S) by `rule` (module docstring)."""
   if rule == "exact":
-    m = _center_crop(_resize_shorter(mask.convert("L"), resize, Image.BILINEAR), image_size)
-    return (np.asarray(m) == 255).astype(np.float32)
+    return (np.asarray(geo.apply(mask.convert("L"), Image.BILINEAR)) == 255).astype(np.float32)
   if rule == "positive":
-    m = _center_crop(_resize_shorter(mask.convert("F"), resize, Image.BILINEAR), image_size)
-    return (np.asarray(m) > 0).astype(np.float32)
+    return (np.asarray(geo.apply(mask.convert("F"), Image.BILINEAR)) > 0).astype(np.float32)
   if rule == "binary":
-    m = _center_crop(_resize_shorter(mask.convert("L"), resize, Image.NEAREST), image_size)
-    return (np.asarray(m) > 0).astype(np.float32)
+    return (np.asarray(geo.apply(mask.convert("L"), Image.NEAREST)) > 0).astype(np.float32)
   raise ValueError(f"mask rule {rule!r} is not one of {', '.join(MASK_RULES)}")
 
 
@@ -124,7 +169,6 @@ def mask_rule(dataset: str, mask_mode: str) -> str:
   raise ValueError(f"dataset.mask_mode={mask_mode!r} is not valid; choose reference or binary")
 
 
-def load_image(path: Union[str, os.PathLike], image_size: int = 288,
-               resize: int = 288) -> np.ndarray:
+def load_image(path: Union[str, os.PathLike], geo: Geometry) -> np.ndarray:
   """Reads and preprocesses one image file (e.g. for prediction): float32 (S, S, 3)."""
-  return preprocess_image(open_image(path, os.fspath(path)), image_size, resize)
+  return preprocess_image(open_image(path, os.fspath(path)), geo)
