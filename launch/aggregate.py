@@ -24,6 +24,7 @@ from absl import flags
 import numpy as np
 
 from launch import sweep as sweep_lib
+from pbas_jax import fileio
 from pbas_jax import report
 
 _EXCLUDED = (sweep_lib.CLASS_KEY, sweep_lib.SEED_KEY)
@@ -214,9 +215,9 @@ def aggregate(sweep_dir: str | os.PathLike) -> tuple[list[Group], str]:
   if not entries:
     raise sweep_lib.SweepError(f"no finished task in {sweep_dir} (no results.json yet)\n{status}")
   groups = summarize(entries)
-  report.atomic_write(pathlib.Path(sweep_dir, "results.md"),
+  fileio.atomic_write(pathlib.Path(sweep_dir, "results.md"),
                       to_markdown(groups, status.splitlines()[0] + "."))
-  report.atomic_write(pathlib.Path(sweep_dir, "results.csv"), to_csv(groups))
+  fileio.atomic_write(pathlib.Path(sweep_dir, "results.csv"), to_csv(groups))
   return groups, status
 
 

@@ -24,7 +24,7 @@ from typing import Mapping
 from absl import app
 from absl import flags
 
-from pbas_jax.report import atomic_write
+from pbas_jax import fileio
 
 # Executables the cluster needs; one missing means the packages are not installed.
 REQUIRED_EXECUTABLES = ("munged", "slurmctld", "slurmd", "sinfo", "squeue", "scancel", "sbatch")
@@ -173,11 +173,11 @@ def start_local_cluster(state_dir, *, timeout_s: float = 60.0) -> LocalCluster:
   munge_dir.chmod(0o700)
 
   conf = state_dir / "slurm.conf"
-  atomic_write(conf, slurm_conf(state_dir, _node_hardware(), _free_port(), _free_port()))
+  fileio.atomic_write(conf, slurm_conf(state_dir, _node_hardware(), _free_port(), _free_port()))
   conf.chmod(0o644)  # client commands of any user read it
   key = munge_dir / "munge.key"
   if not key.exists():
-    atomic_write(key, os.urandom(1024))
+    fileio.atomic_write(key, os.urandom(1024))
     key.chmod(0o600)  # munged refuses a key that others can read
   env = {**os.environ, "SLURM_CONF": str(conf)}
 
@@ -198,7 +198,7 @@ def start_local_cluster(state_dir, *, timeout_s: float = 60.0) -> LocalCluster:
                                 stderr=log, start_new_session=True)
       pids[name] = proc.pid
       _CHILDREN[proc.pid] = proc
-      atomic_write(_pids_file(state_dir), json.dumps(pids))
+      fileio.atomic_write(_pids_file(state_dir), json.dumps(pids))
       if name == "munged":
         _wait_for(lambda: munge_socket.exists(), timeout_s, "munged to create its socket",
                   state_dir, pids)

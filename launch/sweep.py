@@ -46,7 +46,7 @@ from typing import Any, Mapping, Optional, Sequence
 from absl import app
 from absl import flags
 
-from pbas_jax.report import atomic_write
+from pbas_jax import fileio
 
 CLASS_KEY = "dataset.classes"
 SEED_KEY = "train.seed"
@@ -253,7 +253,7 @@ def update_manifest(sweep_dir: str | os.PathLike, tasks: Sequence[Task]) -> None
   path = pathlib.Path(sweep_dir, MANIFEST)
   merged = {t.name: t for t in (read_manifest(sweep_dir) if path.exists() else [])}
   merged.update({t.name: t for t in tasks})
-  atomic_write(path, json.dumps({"tasks": [_task_dict(t) for t in merged.values()]}, indent=1))
+  fileio.atomic_write(path, json.dumps({"tasks": [_task_dict(t) for t in merged.values()]}, indent=1))
 
 
 def run_task(task: Task) -> int:
@@ -267,7 +267,7 @@ def run_task(task: Task) -> int:
     except OSError as e:  # e.g. the interpreter does not exist on this node
       err.write(f"launch.sweep: cannot run {task.argv[0]}: {e}\n".encode())
       code = 127
-  atomic_write(task.log + ".exit", f"{code}\n")
+  fileio.atomic_write(task.log + ".exit", f"{code}\n")
   return code
 
 
@@ -393,15 +393,16 @@ def submit_slurm(tasks: Sequence[Task], *, sweep_dir: str | os.PathLike, resourc
                        "cannot hold; use a path without spaces")
   submit_dir = _submit_dir(sweep_dir)
   tasks_json = submit_dir / "tasks.json"
-  atomic_write(tasks_json, json.dumps([_task_dict(t) for t in tasks], indent=1))
+  fileio.atomic_write(tasks_json, json.dumps([_task_dict(t) for t in tasks], indent=1))
   script = submit_dir / "array.sbatch"
-  atomic_write(script, array_script(tasks_json=tasks_json, num_tasks=len(tasks),
-                                    resources=resources, name=job_name(sweep_dir),
-                                    submit_dir=submit_dir, chdir=os.getcwd(), python=python))
+  fileio.atomic_write(script, array_script(tasks_json=tasks_json, num_tasks=len(tasks),
+                                           resources=resources, name=job_name(sweep_dir),
+                                           submit_dir=submit_dir, chdir=os.getcwd(),
+                                           python=python))
   if dry_run:
     return None, submit_dir
   job_id = _slurm(["sbatch", "--parsable", str(script)]).strip().split(";")[0]
-  atomic_write(submit_dir / "job_id", job_id + "\n")
+  fileio.atomic_write(submit_dir / "job_id", job_id + "\n")
   return job_id, submit_dir
 
 

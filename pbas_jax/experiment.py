@@ -30,6 +30,8 @@ from pbas_jax import data
 from pbas_jax.data import demo as demo_data
 from pbas_jax import feature_cache
 from pbas_jax import features as features_lib
+from pbas_jax import fileio
+from pbas_jax import heatmaps as heatmaps_lib
 from pbas_jax import inference
 from pbas_jax import metrics as metrics_lib
 from pbas_jax import multirun
@@ -162,7 +164,7 @@ class _MetricsLog:
     if resume_epoch and os.path.exists(path):
       with open(path) as f:
         kept = [line for line in f if line.strip() and json.loads(line)["epoch"] <= resume_epoch]
-    report.atomic_write(path, "".join(kept))
+    fileio.atomic_write(path, "".join(kept))
     self._file = open(path, "a")
 
   def write(self, record: dict) -> None:
@@ -392,9 +394,9 @@ def run_class(config: ml_collections.ConfigDict, workdir: str, class_name: str, 
     notes += [n for n in (f"{class_name}: {n}" for n in result.pop("notes")) if n not in notes]
     if len(keep):
       masks = None if test.masks is None else test.masks[keep]
-      report.save_heatmaps(os.path.join(run_dir, "heatmaps"), test.images, masks, maps[keep],
-                           [test.names[i] for i in keep], scores[keep], limit=-1,
-                           value_range=(float(maps.min()), float(maps.max())))
+      heatmaps_lib.save_heatmaps(os.path.join(run_dir, "heatmaps"), test.images, masks,
+                                 maps[keep], [test.names[i] for i in keep], scores[keep],
+                                 limit=-1, value_range=(float(maps.min()), float(maps.max())))
     rows.append({"dataset": name, "class": class_name, "seed": run.seed, **result,
                  "epoch": epoch, "selection": config.eval.selection, "wall_time_s": None,
                  "images_per_s": len(test.labels) / (t_test + t_pred),
@@ -426,7 +428,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   sharding.initialize_distributed()
   mesh = sharding.make_mesh()
   os.makedirs(workdir, exist_ok=True)
-  report.atomic_write(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
+  fileio.atomic_write(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
   notes = []
   if config.dataset.name == "demo":
     demo_data.make_demo_dataset(source_of(config)[1])

@@ -17,8 +17,9 @@ import numpy as np
 from pbas_jax import checkpoint
 from pbas_jax import data
 from pbas_jax import experiment
+from pbas_jax import fileio
+from pbas_jax import heatmaps as heatmaps_lib
 from pbas_jax import inference
-from pbas_jax import report
 from pbas_jax import train
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory written by pbas_jax.main.")
@@ -72,13 +73,13 @@ def predict_folder(workdir: str, class_name: str, image_dir: str, output: str,
   writer = csv.writer(buf)
   writer.writerow(["file", "score"])
   writer.writerows((n, f"{s:.6f}") for n, s in zip(names, scores))
-  report.atomic_write(os.path.join(output, "scores.csv"), buf.getvalue())
+  fileio.atomic_write(os.path.join(output, "scores.csv"), buf.getvalue())
   if heatmaps:
     kept = np.concatenate(images)
     count = len(kept) if heatmaps < 0 else min(heatmaps, len(kept))
-    report.save_heatmaps(os.path.join(output, "heatmaps"), kept[:count], None, maps[:count],
-                         names[:count], scores[:count], limit=-1,
-                         value_range=(float(maps.min()), float(maps.max())))
+    heatmaps_lib.save_heatmaps(os.path.join(output, "heatmaps"), kept[:count], None,
+                               maps[:count], names[:count], scores[:count], limit=-1,
+                               value_range=(float(maps.min()), float(maps.max())))
   return list(zip(names, scores.tolist()))
 
 

@@ -1,10 +1,8 @@
-"""Results files (json, csv, md), the text table and heatmap panels."""
+"""Results files (json, csv, md), the text table, and mean rows kept apart per alpha."""
 import csv
 import json
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from pbas_jax import report
 
@@ -25,7 +23,7 @@ def test_write_results_files_parse_and_agree(tmp_path):
   loaded = json.loads((tmp_path / "results.json").read_text())
   assert loaded == results
   assert loaded["selection"] == "last" and loaded["notes"][0] == notes[0]
-  mean = loaded["mean"]
+  (mean,) = loaded["means"]
   assert mean["i_auroc"] == pytest.approx((0.98765 + 0.9) / 2)
   assert mean["p_auroc"] == pytest.approx(0.97)           # over the one row that measured it
   assert any("mean p_auroc is over 1 of 2 rows" in n for n in loaded["notes"])
@@ -52,7 +50,7 @@ def test_test_oracle_is_stated_everywhere(tmp_path, capsys):
   assert report.TEST_ORACLE_NOTE in (tmp_path / "results.md").read_text()
   loaded = json.loads((tmp_path / "results.json").read_text())
   assert loaded["notes"][0] == report.TEST_ORACLE_NOTE
-  assert loaded["mean"]["epoch"] is None and "varies" in printed
+  assert loaded["means"][0]["epoch"] is None and "varies" in printed
   with open(tmp_path / "results.csv", newline="") as f:
     assert {r["test_set_used_for_selection"] for r in csv.DictReader(f)} == {"True"}
 
@@ -63,7 +61,35 @@ def test_format_table_percent_and_extra_columns():
   assert lines[0].split() == ["dataset", "class", "alpha", "I-AUROC", "I-AP", "P-AUROC", "P-AP",
                               "P-PRO", "epoch", "time", "(s)", "img/s"]
   assert lines[2].split()[:5] == ["mpdd", "bracket_black", "0.3", "98.8", "99.0"]
-  assert lines[5].split()[:4] == ["mpdd", "mean", "-", "98.8"]
+  # One mean row per alpha, below a second rule.
+  assert set(lines[4]) == {"-", " "}
+  assert [line.split()[:4] for line in lines[5:7]] == [["mpdd", "mean", "0.3", "98.8"],
+                                                      ["mpdd", "mean", "0.5", "98.8"]]
+
+
+def test_mean_rows_never_average_different_alphas(tmp_path):
+  rows = [_row(cls, seed=seed, alpha=alpha, i_auroc=value,
+               p_auroc=None if cls == "tubes" and alpha == 0.3 else 0.9)
+          for alpha, base in ((0.1, 0.6), (0.3, 0.8))
+          for seed in (0, 1)
+          for cls, value in (("metal_plate", base), ("tubes", base + 0.1 * seed))]
+  results = report.write_results(tmp_path, rows, "last", echo=False)
+  means = results["means"]
+  assert [(m["class"], m["alpha"]) for m in means] == [("mean", 0.1), ("mean", 0.3)]
+  assert means[0]["i_auroc"] == pytest.approx((0.6 + 0.6 + 0.6 + 0.7) / 4)
+  assert means[1]["i_auroc"] == pytest.approx((0.8 + 0.8 + 0.8 + 0.9) / 4)
+  assert means[0]["seed"] is None  # rows of both seeds
+  assert results["notes"] == ["alpha 0.3: mean p_auroc is over 2 of 4 rows (others not measured)"]
+  with open(tmp_path / "results.csv", newline="") as f:
+    table = [r for r in csv.DictReader(f) if r["class"] == "mean"]
+  assert [(r["alpha"], round(float(r["i_auroc"]), 4)) for r in table] == [("0.1", 0.625),
+                                                                          ("0.3", 0.825)]
+  md = (tmp_path / "results.md").read_text()
+  assert "| **mpdd** | **mean** | **0.1** | **62.5** |" in md
+  assert "| **mpdd** | **mean** | **0.3** | **82.5** |" in md
+  # Rows without alpha keep the single mean row.
+  (mean,) = report.write_results(tmp_path, [_row("a"), _row("b")], "last", echo=False)["means"]
+  assert "alpha" not in mean
 
 
 def test_single_class_file_and_bad_inputs(tmp_path):
@@ -81,36 +107,3 @@ def test_mixed_pro_variants_leave_mean_pro_out():
   mean, notes = report.mean_row([_row("a"), _row("b", pro_variant="reference")])
   assert mean["p_pro"] is None and mean["pro_variant"] is None
   assert any("mix PRO variants" in n for n in notes)
-
-
-def test_jet_ends_and_middle():
-  np.testing.assert_array_equal(report.jet(np.array([0.0, 0.5, 1.0])),
-                                [[0, 0, 128], [128, 255, 128], [128, 0, 0]])
-
-
-def test_save_heatmaps_sizes_cap_and_content(tmp_path):
-  n, s = 3, 32
-  rng = np.random.default_rng(0)
-  rgb = rng.random((n, s, s, 3)).astype(np.float32)
-  images = (rgb - report.IMAGENET_MEAN) / report.IMAGENET_STD
-  masks = np.zeros((n, s, s), np.float32)
-  masks[:, 8:16, 8:16] = 1
-  maps = rng.random((n, s, s)).astype(np.float32)
-  names = ["good/000", "scratch/001", "scratch/002"]
-  paths = report.save_heatmaps(tmp_path, images, masks, maps, names, maps.max(axis=(1, 2)),
-                               limit=2)
-  assert [p.rsplit("/", 1)[-1] for p in paths] == ["0000_good_000.png", "0001_scratch_001.png"]
-  panel = np.asarray(Image.open(paths[1]))
-  gap, caption = 4, 14
-  assert panel.shape == (s + caption, 4 * s + 3 * gap, 3)
-  # First tile: the un-normalized image; second: the mask in white.
-  np.testing.assert_allclose(panel[caption:, :s], rgb[1] * 255, atol=1.0)
-  assert (panel[caption + 8:caption + 16, s + gap + 8:s + gap + 16] == 255).all()
-  assert (panel[caption:caption + 8, s + gap:2 * s + gap] == 0).all()
-
-  assert len(report.save_heatmaps(tmp_path / "all", images, None, maps, names, np.zeros(n),
-                                  limit=-1)) == 3
-  assert report.save_heatmaps(tmp_path / "none", images, None, maps, names, np.zeros(n),
-                              limit=0) == []
-  with pytest.raises(ValueError, match="same N images"):
-    report.save_heatmaps(tmp_path, images, None, maps, names[:2], np.zeros(n))

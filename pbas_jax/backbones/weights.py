@@ -24,6 +24,8 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
+from pbas_jax import fileio
+
 FORMAT = 1
 
 
@@ -95,12 +97,9 @@ def save_variables(path: pathlib.Path, variables: Mapping[str, Any],
           for key, value in flatten(variables).items()}
   data = safetensors.numpy.save(flat)
   sidecar = dict(meta, format=FORMAT, file=path.name, sha256=hashlib.sha256(data).hexdigest())
-  path.parent.mkdir(parents=True, exist_ok=True)
   for target, content in ((sidecar_path(path), json.dumps(sidecar, indent=2).encode()),
                           (path, data)):
-    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
-    tmp.write_bytes(content)
-    os.replace(tmp, target)
+    fileio.atomic_write(target, content)
 
 
 def read_variables(path: pathlib.Path, expected: Mapping[str, tuple[int, ...]], *,

@@ -1,0 +1,23 @@
+"""Writing files so that a reader (another process, a resumed run) never sees half of one."""
+import os
+import secrets
+
+
+def atomic_write(path: str | os.PathLike, data: str | bytes) -> None:
+  """Writes `data` to `path` through a temporary file in the same folder and a rename.
+
+  The folder is created; text is written as UTF-8; the file gets the permissions a plain `open`
+  would give it (the umask applies), so shared caches stay readable by others.
+  """
+  path = os.fspath(path)
+  folder = os.path.dirname(os.path.abspath(path))
+  os.makedirs(folder, exist_ok=True)
+  tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+  fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+  try:
+    with os.fdopen(fd, "wb") as f:
+      f.write(data.encode() if isinstance(data, str) else data)
+    os.replace(tmp, path)
+  except BaseException:
+    os.unlink(tmp)
+    raise
