@@ -3,12 +3,13 @@ r"""Paper-style tables of a sweep: per-class rows and a mean row, mean +- std ov
     python -m launch.aggregate --sweep_dir=runs/mvtec_seeds
 
 reads every finished task's `results.json` (the tasks are listed in `<sweep_dir>/sweep.json`),
-groups the rows by dataset, the sweep's overrides except class and seed, and the model-selection
-protocol, and writes `<sweep_dir>/results.md` and `<sweep_dir>/results.csv`. A class row is the
-mean +- sample std (n-1) over its seeds; the mean row first averages the classes within each seed
-(as a single run's mean row does), then gives mean +- std of those per-seed means. Metrics are in
-percent with one decimal; '-' where not measured. Unfinished or failed tasks are listed with
-their logs.
+groups the rows by dataset, the sweep's overrides except class and seed, the rows' anomaly degree
+`alpha` (runs of `train.k_values` share a task) and the model-selection protocol, and writes
+`<sweep_dir>/results.md` and `<sweep_dir>/results.csv`. A class row is the mean +- sample std
+(n-1) over its seeds; the mean row first averages the classes within each seed (as a single run's
+mean row does), then gives mean +- std of those per-seed means; different alphas are never
+averaged together. Metrics are in percent with one decimal; '-' where not measured. Unfinished or
+failed tasks are listed with their logs.
 """
 import csv
 import dataclasses
@@ -23,11 +24,11 @@ from absl import app
 from absl import flags
 import numpy as np
 
-from launch import sweep as sweep_lib
+from launch import spec
 from pbas_jax import fileio
 from pbas_jax import report
 
-_EXCLUDED = (sweep_lib.CLASS_KEY, sweep_lib.SEED_KEY)
+_EXCLUDED = (spec.CLASS_KEY, spec.SEED_KEY)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,9 +44,10 @@ class Stats:
 
 @dataclasses.dataclass(frozen=True)
 class Group:
-  """The rows of one setting: same dataset, overrides (except class/seed) and protocol."""
+  """The rows of one setting: same dataset, overrides (except class/seed), alpha and protocol."""
   dataset: str
   setting: tuple  # ((key, value), ...) in the sweep's order
+  alpha: Optional[float]  # the rows' `alpha`; None for rows without one
   selection: str
   pro_variant: str
   classes: list   # [Stats, ...] in first-seen order
@@ -53,7 +55,8 @@ class Group:
   notes: list
 
   def title(self) -> str:
-    parts = [self.dataset, *(f"{k}={v}" for k, v in self.setting)]
+    parts = [self.dataset, *(f"{k}={v}" for k, v in self.setting),
+             *([] if self.alpha is None else [f"alpha={self.alpha:g}"])]
     return " · ".join(parts) + f" (selection {self.selection}, PRO {self.pro_variant})"
 
 
@@ -63,7 +66,7 @@ def collect(sweep_dir: str | os.PathLike) -> tuple[list[tuple[tuple, dict, str, 
   Returns:
     ([(setting, row, results.json path, the run's notes), ...], all tasks of the manifest).
   """
-  tasks = sweep_lib.read_manifest(sweep_dir)
+  tasks = spec.read_manifest(sweep_dir)
   entries = []
   for task in tasks:
     if not task.results.exists():
@@ -75,11 +78,11 @@ def collect(sweep_dir: str | os.PathLike) -> tuple[list[tuple[tuple, dict, str, 
       results = json.loads(task.results.read_text())
       rows, notes = results["rows"], results.get("notes", [])
     except (ValueError, KeyError) as e:
-      raise sweep_lib.SweepError(f"{task.results} is not a results.json with 'rows': {e}") from e
+      raise spec.SweepError(f"{task.results} is not a results.json with 'rows': {e}") from e
     for row in rows:
       missing = [k for k in ("dataset", "class", "seed", *report.METRIC_KEYS) if k not in row]
       if missing:
-        raise sweep_lib.SweepError(f"{task.results}: a row lacks {missing}")
+        raise spec.SweepError(f"{task.results}: a row lacks {missing}")
       entries.append((setting, row, str(task.results), notes))
   return entries, tasks
 
@@ -93,25 +96,27 @@ def _stats(values: Sequence[Optional[float]]) -> tuple[Optional[float], Optional
 
 
 def summarize(entries: Sequence[tuple[tuple, dict, str, list]]) -> list[Group]:
-  """Groups rows by (dataset, setting, selection, PRO variant) and computes the table rows.
+  """Groups rows by (dataset, setting, alpha, selection, PRO variant); computes the table rows.
 
   A group's notes are its runs' notes (e.g. random backbone weights) and the table's own.
   """
   grouped: dict[tuple, dict[str, dict[int, tuple[dict, str]]]] = {}
   run_notes: dict[tuple, list[str]] = {}
   for setting, row, source, notes in entries:
-    key = (row["dataset"], setting, row.get("selection", "last"), row.get("pro_variant", "standard"))
+    key = (row["dataset"], setting, row.get("alpha"), row.get("selection", "last"),
+           row.get("pro_variant", "standard"))
     run_notes.setdefault(key, []).extend(notes)
     by_seed = grouped.setdefault(key, {}).setdefault(row["class"], {})
     if row["seed"] in by_seed:
-      raise sweep_lib.SweepError(
+      raise spec.SweepError(
           f"two results for {row['dataset']}/{row['class']} seed {row['seed']} with the same "
-          f"setting: {by_seed[row['seed']][1]} and {source}; give them different overrides")
+          f"setting and alpha: {by_seed[row['seed']][1]} and {source}; give them different "
+          "overrides")
     by_seed[row["seed"]] = (row, source)
 
   groups = []
   for key, classes in grouped.items():
-    dataset, setting, selection, variant = key
+    dataset, setting, alpha, selection, variant = key
     # The markdown puts the test-set-selection warning above the group's table instead.
     notes = [n for n in dict.fromkeys(run_notes[key]) if n != report.TEST_ORACLE_NOTE]
     class_stats = []
@@ -134,7 +139,7 @@ def summarize(entries: Sequence[tuple[tuple, dict, str, list]]) -> list[Group]:
         notes += [n for n in mean_notes if n not in notes]
       mean = Stats("mean", tuple(complete),
                    {m: _stats([r[m] for r in per_seed]) for m in report.METRIC_KEYS})
-    groups.append(Group(dataset, setting, selection, variant, class_stats, mean, notes))
+    groups.append(Group(dataset, setting, alpha, selection, variant, class_stats, mean, notes))
   return groups
 
 
@@ -190,14 +195,15 @@ def to_csv(groups: Sequence[Group]) -> str:
   """One line per class and group mean; metric and <metric>_std columns in percent (1 decimal)."""
   keys = list(dict.fromkeys(k for g in groups for k, _ in g.setting))
   metric_columns = [c for m in report.METRIC_KEYS for c in (m, f"{m}_std")]
-  columns = ["dataset", *keys, "selection", "pro_variant", "class", "n_seeds", "seeds",
+  columns = ["dataset", *keys, "alpha", "selection", "pro_variant", "class", "n_seeds", "seeds",
              *metric_columns]
   buf = io.StringIO()
   writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
   writer.writeheader()
   for g in groups:
     for s in [*g.classes, *([g.mean] if g.mean else [])]:
-      line = {"dataset": g.dataset, **{k: v for k, v in g.setting}, "selection": g.selection,
+      line = {"dataset": g.dataset, **{k: v for k, v in g.setting},
+              "alpha": "" if g.alpha is None else g.alpha, "selection": g.selection,
               "pro_variant": g.pro_variant, "class": s.name, "n_seeds": len(s.seeds),
               "seeds": " ".join(map(str, s.seeds))}
       for m in report.METRIC_KEYS:
@@ -211,9 +217,9 @@ def to_csv(groups: Sequence[Group]) -> str:
 def aggregate(sweep_dir: str | os.PathLike) -> tuple[list[Group], str]:
   """Writes `<sweep_dir>/results.{md,csv}`; returns the groups and the tasks' status report."""
   entries, tasks = collect(sweep_dir)
-  status, _ = sweep_lib.status_report(tasks)
+  status, _ = spec.status_report(tasks)
   if not entries:
-    raise sweep_lib.SweepError(f"no finished task in {sweep_dir} (no results.json yet)\n{status}")
+    raise spec.SweepError(f"no finished task in {sweep_dir} (no results.json yet)\n{status}")
   groups = summarize(entries)
   fileio.atomic_write(pathlib.Path(sweep_dir, "results.md"),
                       to_markdown(groups, status.splitlines()[0] + "."))
@@ -228,7 +234,7 @@ def main(argv):
   del argv
   try:
     _, status = aggregate(_SWEEP_DIR.value)
-  except sweep_lib.SweepError as e:
+  except spec.SweepError as e:
     sys.exit(f"launch.aggregate: error: {e}")
   print(pathlib.Path(_SWEEP_DIR.value, "results.md").read_text())
   print(status)

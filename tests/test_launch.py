@@ -16,14 +16,17 @@ import numpy as np
 import pytest
 
 from launch import aggregate
+from launch import slurm_backend
+from launch import spec
 from launch import sweep
 from pbas_jax import report
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = "configs/mpdd.py:smoke"
 
-# A stand-in for pbas_jax.main: writes <workdir>/results.json with metrics made from the seed and
-# class, or fails like an unknown config key does.
+# A stand-in for pbas_jax.main: writes <workdir>/results.json with metrics made from the seed,
+# alpha and class (one row per class and alpha of `train.k_values`, else of `model.k`), or fails
+# like an unknown config key does.
 FAKE_MAIN = '''
 import json, os, sys
 args = dict(a[2:].split("=", 1) for a in sys.argv[1:])
@@ -32,10 +35,12 @@ print("fake main", over)
 if "model.bogus" in over:
   sys.exit("KeyError: 'bogus' is not a key of config.model")
 seed = int(over.get("train.seed", 0))
-rows = [{"dataset": "mpdd", "class": c, "seed": seed, "i_auroc": 0.5 + 0.1 * seed,
-         "i_ap": 0.6, "p_auroc": 0.7, "p_ap": 0.1 * (i + 1), "p_pro": None,
-         "pro_variant": "standard", "epoch": 3, "selection": "last", "wall_time_s": 1.0,
-         "images_per_s": 2.0} for i, c in enumerate(over.get("dataset.classes", "x,y").split(","))]
+alphas = over.get("train.k_values", over.get("model.k", "0.25")).strip("()").split(",")
+rows = [{"dataset": "mpdd", "class": c, "seed": seed, "alpha": float(alpha),
+         "i_auroc": 0.5 + 0.1 * seed + float(alpha), "i_ap": 0.6, "p_auroc": 0.7,
+         "p_ap": 0.1 * (i + 1), "p_pro": None, "pro_variant": "standard", "epoch": 3,
+         "selection": "last", "wall_time_s": 1.0, "images_per_s": 2.0}
+        for alpha in alphas for i, c in enumerate(over.get("dataset.classes", "x,y").split(","))]
 os.makedirs(args["workdir"], exist_ok=True)
 with open(os.path.join(args["workdir"], "results.json"), "w") as f:
   json.dump({"rows": rows, "mean": {}, "selection": "last", "notes": []}, f)
@@ -44,7 +49,7 @@ with open(os.path.join(args["workdir"], "results.json"), "w") as f:
 
 def _write_sweep(tmp_path, body: str) -> pathlib.Path:
   path = tmp_path / "my_sweep.py"
-  path.write_text("from launch.sweep import product\n\n\ndef get_sweep():\n  return " + body + "\n")
+  path.write_text("from launch.spec import product\n\n\ndef get_sweep():\n  return " + body + "\n")
   return path
 
 
@@ -78,14 +83,14 @@ def fake_slurm(tmp_path, monkeypatch) -> pathlib.Path:
 
 
 def test_product_is_the_cartesian_product_with_aliases():
-  tasks = sweep.product(classes=["a", "b"], seeds=[0, 1], **{"model.k": [0.3]})
+  tasks = spec.product(classes=["a", "b"], seeds=[0, 1], **{"model.k": [0.3]})
   assert tasks == [
       {"dataset.classes": c, "train.seed": s, "model.k": 0.3} for c in "ab" for s in (0, 1)]
   assert [list(t) for t in tasks] == [["dataset.classes", "train.seed", "model.k"]] * 4
-  with pytest.raises(sweep.SweepError, match=r"classes=\['bottle'\]"):
-    sweep.product(classes="bottle")
-  with pytest.raises(sweep.SweepError, match="empty axis"):
-    sweep.product(seeds=[])
+  with pytest.raises(spec.SweepError, match=r"classes=\['bottle'\]"):
+    spec.product(classes="bottle")
+  with pytest.raises(spec.SweepError, match="empty axis"):
+    spec.product(seeds=[])
 
 
 @pytest.mark.parametrize("body, message", [
@@ -98,28 +103,28 @@ def test_product_is_the_cartesian_product_with_aliases():
 ])
 def test_bad_sweep_files_name_the_file(tmp_path, body, message):
   path = tmp_path / "missing.py" if body is None else _write_sweep(tmp_path, body)
-  with pytest.raises(sweep.SweepError, match=message) as e:
-    sweep.load_sweep(path)
+  with pytest.raises(spec.SweepError, match=message) as e:
+    spec.load_sweep(path)
   assert str(path) in str(e.value)
 
 
 def test_sweep_file_without_get_sweep(tmp_path):
   path = tmp_path / "s.py"
   path.write_text("SWEEP = []\n")
-  with pytest.raises(sweep.SweepError, match="defines no get_sweep"):
-    sweep.load_sweep(path)
+  with pytest.raises(spec.SweepError, match="defines no get_sweep"):
+    spec.load_sweep(path)
 
 
 def test_example_sweeps_expand():
   sizes = {"mvtec_seeds": 45, "alpha_curve": 90, "smoke": 3}
   for name, size in sizes.items():
-    tasks = sweep.load_sweep(REPO / "launch" / "sweeps" / f"{name}.py")
+    tasks = spec.load_sweep(REPO / "launch" / "sweeps" / f"{name}.py")
     assert len(tasks) == size and len({json.dumps(t, sort_keys=True) for t in tasks}) == size
-  assert {t["model.k"] for t in sweep.load_sweep(REPO / "launch/sweeps/alpha_curve.py")} >= {0.25, 0.3}
+  assert {t["model.k"] for t in spec.load_sweep(REPO / "launch/sweeps/alpha_curve.py")} >= {0.25, 0.3}
 
 
 def test_task_names():
-  names = sweep.task_names([
+  names = spec.task_names([
       {"dataset.classes": "bottle", "train.seed": 0, "model.k": 0.25},
       {"dataset.classes": "bottle,screw", "train.seed": 1, "model.k": 1e-5},
       {"train.seed": 2},
@@ -129,16 +134,16 @@ def test_task_names():
   assert names == ["bottle/seed0_k0.25", "bottle+screw/seed1_k1e-05", "all/seed2",
                    "metal_plate/default", "pill/layerslayer2+layer3"]
   # Keys sharing a last component are spelled out.
-  assert sweep.task_names([{"optim.lr": 0.1}, {"model.lr": 0.2}]) == [
+  assert spec.task_names([{"optim.lr": 0.1}, {"model.lr": 0.2}]) == [
       "all/optim-lr0.1", "all/model-lr0.2"]
-  with pytest.raises(sweep.SweepError, match="tasks 0 and 1 both get the workdir name 'all/ab'"):
-    sweep.task_names([{"model.a": "b"}, {"model.a": "b"}])
+  with pytest.raises(spec.SweepError, match="tasks 0 and 1 both get the workdir name 'all/ab'"):
+    spec.task_names([{"model.a": "b"}, {"model.a": "b"}])
 
 
 def test_make_tasks(tmp_path):
-  tasks = sweep.make_tasks(sweep.product(classes=["c1"], **{"model.k": [0.1, 0.3]}),
-                           config=str(REPO / CONFIG), sweep_dir=tmp_path / "sw",
-                           extra_args=["--config.dataset.root=/data"], python="/py")
+  tasks = spec.make_tasks(spec.product(classes=["c1"], **{"model.k": [0.1, 0.3]}),
+                          config=str(REPO / CONFIG), sweep_dir=tmp_path / "sw",
+                          extra_args=["--config.dataset.root=/data"], python="/py")
   assert [t.name for t in tasks] == ["c1/k0.1", "c1/k0.3"]
   assert tasks[1].argv == (
       "/py", "-m", "pbas_jax.main", f"--config={REPO / CONFIG}",
@@ -146,21 +151,22 @@ def test_make_tasks(tmp_path):
       "--config.dataset.classes=c1", "--config.model.k=0.3")
   assert tasks[0].log == str(tmp_path / "sw" / "logs" / "c1" / "k0.1")
   assert tasks[0].results == tmp_path / "sw" / "c1" / "k0.1" / "results.json"
-  with pytest.raises(sweep.SweepError, match="model.k is set both by the sweep and after `--`"):
-    sweep.make_tasks([{"model.k": 1}], config=str(REPO / CONFIG), sweep_dir=tmp_path,
-                     extra_args=["--config.model.k=2"])
-  with pytest.raises(sweep.SweepError, match="file configs/nope.py not found"):
-    sweep.make_tasks([{"model.k": 1}], config="configs/nope.py:smoke", sweep_dir=tmp_path)
-  with pytest.raises(sweep.SweepError, match="must be a flag"):
-    sweep.make_tasks([{"model.k": 1}], config=str(REPO / CONFIG), sweep_dir=tmp_path,
-                     extra_args=["oops"])
+  with pytest.raises(spec.SweepError, match="model.k is set both by the sweep and after `--`"):
+    spec.make_tasks([{"model.k": 1}], config=str(REPO / CONFIG), sweep_dir=tmp_path,
+                    extra_args=["--config.model.k=2"])
+  with pytest.raises(spec.SweepError, match="file configs/nope.py not found"):
+    spec.make_tasks([{"model.k": 1}], config="configs/nope.py:smoke", sweep_dir=tmp_path)
+  with pytest.raises(spec.SweepError, match="must be a flag"):
+    spec.make_tasks([{"model.k": 1}], config=str(REPO / CONFIG), sweep_dir=tmp_path,
+                    extra_args=["oops"])
 
 
 def test_array_script_contents(tmp_path):
-  resources = sweep.Resources(partition="gpu", time="04:00:00", cpus_per_task=8, mem="32G",
-                              gpus_per_task=1, array_limit=4)
-  text = sweep.array_script(tasks_json=tmp_path / "tasks.json", num_tasks=7, resources=resources,
-                            name="pbas-x", submit_dir=tmp_path, chdir="/repo", python="/venv/py")
+  resources = slurm_backend.Resources(partition="gpu", time="04:00:00", cpus_per_task=8,
+                                      mem="32G", gpus_per_task=1, array_limit=4)
+  text = slurm_backend.array_script(tasks_json=tmp_path / "tasks.json", num_tasks=7,
+                                    resources=resources, name="pbas-x", submit_dir=tmp_path,
+                                    chdir="/repo", python="/venv/py")
   directives = [line for line in text.splitlines() if line.startswith("#SBATCH")]
   assert directives == [
       "#SBATCH --job-name=pbas-x", "#SBATCH --array=0-6%4",
@@ -170,8 +176,9 @@ def test_array_script_contents(tmp_path):
       "#SBATCH --gpus-per-task=1"]
   assert text.splitlines()[-1] == (
       f'exec /venv/py -m launch.sweep --run_task={tmp_path}/tasks.json:"$SLURM_ARRAY_TASK_ID"')
-  minimal = sweep.array_script(tasks_json="t.json", num_tasks=1, resources=sweep.Resources(),
-                               name="n", submit_dir=tmp_path, chdir="/repo")
+  minimal = slurm_backend.array_script(tasks_json="t.json", num_tasks=1,
+                                       resources=slurm_backend.Resources(), name="n",
+                                       submit_dir=tmp_path, chdir="/repo")
   assert "#SBATCH --array=0-0\n" in minimal
   assert not re.search(r"--(partition|time|mem|gpus-per-task)=", minimal)
 
@@ -188,7 +195,7 @@ def test_slurm_submission_skips_finished_and_running_tasks(tmp_path, fake_slurm,
   finished.parent.mkdir(parents=True)
   finished.write_text("{}")
   kwargs = dict(config=CONFIG, sweep_dir=str(sweep_dir), backend="slurm",
-                resources=sweep.Resources(cpus_per_task=2), module=fake_main)
+                resources=slurm_backend.Resources(cpus_per_task=2), module=fake_main)
 
   assert sweep.launch(str(sweep_file), **kwargs) == 0
   (submit_dir,) = _submit_dirs(sweep_dir)
@@ -199,7 +206,7 @@ def test_slurm_submission_skips_finished_and_running_tasks(tmp_path, fake_slurm,
   assert [t["name"] for t in submitted] == ["a/seed0", "a/seed2"]
   script = (submit_dir / "array.sbatch").read_text()
   assert "#SBATCH --array=0-1\n" in script and "#SBATCH --cpus-per-task=2\n" in script
-  assert [t.name for t in sweep.read_manifest(sweep_dir)] == ["a/seed0", "a/seed1", "a/seed2"]
+  assert [t.name for t in spec.read_manifest(sweep_dir)] == ["a/seed0", "a/seed1", "a/seed2"]
   assert "3 tasks; 1 finished (skipped), 0 queued or running (skipped), 2 to run" in \
       capsys.readouterr().out
 
@@ -237,9 +244,9 @@ def test_dry_run_and_missing_sbatch(tmp_path, fake_main, monkeypatch, capsys):
   (submit_dir,) = _submit_dirs(tmp_path / "sw")
   assert (submit_dir / "array.sbatch").exists() and not (submit_dir / "job_id").exists()
   assert "all/seed1" in capsys.readouterr().out
-  with pytest.raises(sweep.SweepError, match="`sbatch` not found on PATH.*--backend=local"):
+  with pytest.raises(spec.SweepError, match="`sbatch` not found on PATH.*--backend=local"):
     sweep.launch(str(sweep_file), **kwargs)
-  with pytest.raises(sweep.SweepError, match="contains whitespace"):
+  with pytest.raises(spec.SweepError, match="contains whitespace"):
     sweep.launch(str(sweep_file), dry_run=True, **{**kwargs, "sweep_dir": str(tmp_path / "a b")})
 
 
@@ -260,6 +267,37 @@ def test_local_backend_reports_the_failed_task_and_its_log(tmp_path, fake_main, 
   # A second launch runs only the failed task again.
   assert sweep.launch(str(sweep_file), **kwargs) == 1
   assert "2 finished (skipped), 0 queued or running (skipped), 1 to run" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("axes, extra_args, settings", [
+    # Each task trains both alphas together: its rows differ only in alpha.
+    ("", ["--config.train.k_values=0.1,0.3"], [(), ()]),
+    # One alpha per task, swept.
+    (", **{'model.k': [0.1, 0.3]}", [], [(("model.k", 0.1),), (("model.k", 0.3),)]),
+])
+def test_local_sweep_over_two_alphas_aggregates_into_one_table(tmp_path, fake_main, axes,
+                                                               extra_args, settings):
+  sweep_file = _write_sweep(tmp_path, f"product(classes=['a'], seeds=[0, 1]{axes})")
+  sweep_dir = tmp_path / "sw"
+  assert sweep.launch(str(sweep_file), config=CONFIG, sweep_dir=str(sweep_dir), backend="local",
+                      extra_args=extra_args, module=fake_main) == 0
+  groups, status = aggregate.aggregate(sweep_dir)
+  n = len(spec.read_manifest(sweep_dir))
+  assert status == f"{n} of {n} tasks finished, 0 failed, 0 without a result"
+  assert [(g.setting, g.alpha) for g in groups] == [(settings[0], 0.1), (settings[1], 0.3)]
+  for g in groups:  # fake i_auroc: 0.5 + 0.1 seed + alpha, over seeds 0 and 1 of this alpha only
+    for stats in (*g.classes, g.mean):
+      assert stats.seeds == (0, 1)
+      mean, std = stats.metrics["i_auroc"]
+      assert mean == pytest.approx(0.55 + g.alpha)
+      assert std == pytest.approx(np.std([0, 0.1], ddof=1))
+  md = (sweep_dir / "results.md").read_text()
+  assert md.count("## ") == 3  # the summary and one table per alpha
+  assert " · alpha=0.1 (selection last" in md and " · alpha=0.3 (selection last" in md
+  with open(sweep_dir / "results.csv") as f:
+    means = [(r["alpha"], r["i_auroc"], r["n_seeds"]) for r in csv.DictReader(f)
+             if r["class"] == "mean"]
+  assert means == [("0.1", "65.0", "2"), ("0.3", "85.0", "2")]
 
 
 def _results(workdir: pathlib.Path, rows: list, notes=()) -> None:
@@ -288,10 +326,10 @@ def test_aggregate_tables(tmp_path):
   rng = np.random.default_rng(0)
   sweep_dir = tmp_path / "sw"
   classes, seeds, ks = ["bottle", "screw", "grid"], [0, 1, 2], [0.25, 0.5]
-  tasks = sweep.make_tasks(sweep.product(classes=classes, seeds=seeds, **{"model.k": ks}) +
-                           sweep.product(classes=["bottle"], seeds=[0], **{"model.k": [0.75]}),
-                           config=str(REPO / CONFIG), sweep_dir=sweep_dir)
-  sweep.update_manifest(sweep_dir, tasks)
+  tasks = spec.make_tasks(spec.product(classes=classes, seeds=seeds, **{"model.k": ks}) +
+                          spec.product(classes=["bottle"], seeds=[0], **{"model.k": [0.75]}),
+                          config=str(REPO / CONFIG), sweep_dir=sweep_dir)
+  spec.update_manifest(sweep_dir, tasks)
   rows = {}
   for task in tasks[:-1]:  # the last task (k=0.75) never finished
     o = task.overrides
@@ -331,9 +369,9 @@ def test_aggregate_tables(tmp_path):
 def test_aggregate_single_seed_incomplete_and_duplicates(tmp_path):
   rng = np.random.default_rng(1)
   sweep_dir = tmp_path / "sw"
-  tasks = sweep.make_tasks(sweep.product(classes=["a", "b"], seeds=[0]) + [{"train.seed": 1}],
-                           config=str(REPO / CONFIG), sweep_dir=sweep_dir)
-  sweep.update_manifest(sweep_dir, tasks)
+  tasks = spec.make_tasks(spec.product(classes=["a", "b"], seeds=[0]) + [{"train.seed": 1}],
+                          config=str(REPO / CONFIG), sweep_dir=sweep_dir)
+  spec.update_manifest(sweep_dir, tasks)
   a0, b0, a1 = _row("a", 0, rng), _row("b", 0, rng), _row("a", 1, rng)
   _results(pathlib.Path(tasks[0].workdir), [a0])
   _results(pathlib.Path(tasks[1].workdir), [b0], notes=["backbone weights are random"])
@@ -347,24 +385,24 @@ def test_aggregate_single_seed_incomplete_and_duplicates(tmp_path):
   assert f"| b | 1 | {100 * b0['i_auroc']:.1f} |" in md  # one seed: no std
 
   _results(pathlib.Path(tasks[2].workdir), [{**a1, "seed": 0}])
-  with pytest.raises(sweep.SweepError, match="two results for mvtec/a seed 0"):
+  with pytest.raises(spec.SweepError, match="two results for mvtec/a seed 0"):
     aggregate.aggregate(sweep_dir)
 
 
 def test_aggregate_without_results(tmp_path):
-  with pytest.raises(sweep.SweepError, match="not a sweep dir"):
+  with pytest.raises(spec.SweepError, match="not a sweep dir"):
     aggregate.aggregate(tmp_path)
-  sweep.update_manifest(tmp_path, sweep.make_tasks([{"train.seed": 0}], config=str(REPO / CONFIG),
-                                                   sweep_dir=tmp_path))
-  with pytest.raises(sweep.SweepError, match="no finished task"):
+  spec.update_manifest(tmp_path, spec.make_tasks([{"train.seed": 0}], config=str(REPO / CONFIG),
+                                                 sweep_dir=tmp_path))
+  with pytest.raises(spec.SweepError, match="no finished task"):
     aggregate.aggregate(tmp_path)
 
 
 def test_aggregate_keeps_protocols_apart_and_flags_test_set_selection(tmp_path):
   rng = np.random.default_rng(2)
-  tasks = sweep.make_tasks(sweep.product(seeds=[0, 1]), config=str(REPO / CONFIG),
-                           sweep_dir=tmp_path)
-  sweep.update_manifest(tmp_path, tasks)
+  tasks = spec.make_tasks(spec.product(seeds=[0, 1]), config=str(REPO / CONFIG),
+                          sweep_dir=tmp_path)
+  spec.update_manifest(tmp_path, tasks)
   _results(pathlib.Path(tasks[0].workdir), [_row("a", 0, rng)])
   _results(pathlib.Path(tasks[1].workdir), [{**_row("a", 1, rng), "selection": "test_oracle"}],
            notes=[report.TEST_ORACLE_NOTE])

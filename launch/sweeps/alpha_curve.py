@@ -5,7 +5,7 @@ The reference code uses 0.25, the paper's text 0.3; aggregate gives one mean row
   python -m launch.sweep --config=configs/mvtec.py --sweep=launch/sweeps/alpha_curve.py \
       --sweep_dir=runs/alpha_curve -- --config.dataset.root=/data/mvtec
 """
-from launch.sweep import product
+from launch.spec import product
 from pbas_jax.data.builders import CLASSES
 
 

@@ -3,7 +3,7 @@
   python -m launch.sweep --config=configs/mvtec.py --sweep=launch/sweeps/mvtec_seeds.py \
       --sweep_dir=runs/mvtec_seeds -- --config.dataset.root=/data/mvtec
 """
-from launch.sweep import product
+from launch.spec import product
 from pbas_jax.data.builders import CLASSES
 
 

@@ -3,7 +3,7 @@
   python -m launch.sweep --config=configs/mpdd.py:smoke --sweep=launch/sweeps/smoke.py \
       --sweep_dir=runs/smoke -- --config.dataset.root=$PBAS_DATA/mpdd
 """
-from launch.sweep import product
+from launch.spec import product
 
 
 def get_sweep():
