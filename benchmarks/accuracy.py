@@ -38,10 +38,7 @@ def config_for(args, changes: dict):
   config.train.checkpoint_every = args.epochs
   config.eval.every_epochs = args.every
   config.eval.heatmaps = 0
-  for key, value in changes.items():
-    section, name = key.split(".")
-    config[section][name] = value
-  return config
+  return config_base.apply_overrides(config, changes)
 
 
 def main():

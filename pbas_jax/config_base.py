@@ -6,6 +6,7 @@ user may override is declared here, so a misspelled override fails (the ConfigDi
 """
 import importlib.util
 import os
+from typing import Any, Mapping
 
 import ml_collections
 
@@ -121,3 +122,21 @@ def load(spec: str) -> ml_collections.ConfigDict:
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
   return module.get_config(preset or None)
+
+
+def apply_overrides(config: ml_collections.ConfigDict,
+                    overrides: Mapping[str, Any]) -> ml_collections.ConfigDict:
+  """Sets `{"model.k": 0.3, ...}` as `--config.model.k=0.3 ...` would; returns `config`.
+
+  Keys are dotted paths below `config` (which may be a section: `apply_overrides(c.model,
+  {"k": 0.3})`). A key the config lacks raises KeyError and a value of another type TypeError,
+  as on the command line, whether or not `config` is locked (its lock state is kept).
+  """
+  locked = config.is_locked
+  config.lock()
+  try:
+    config.update_from_flattened_dict(dict(overrides))
+  finally:
+    if not locked:
+      config.unlock()
+  return config

@@ -56,10 +56,7 @@ def load_model(class_dir: pathlib.Path, config, features_shape):
 def smoke_config(**changes):
   config = config_base.load(str(REPO / "configs" / "mvtec.py:smoke"))
   config.backbone.name = "resnet18"
-  for key, value in changes.items():
-    section, name = key.split(".")
-    config[section][name] = value
-  return config
+  return config_base.apply_overrides(config, changes)
 
 
 def _check_outputs(workdir: pathlib.Path, class_dir: str, n_heatmaps: int):

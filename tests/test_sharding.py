@@ -31,8 +31,7 @@ def _mesh():
 def small_config(**model):
   config = config_base.base_config()
   config.model.disc_hidden = 32
-  for name, value in model.items():
-    setattr(config.model, name, value)
+  config_base.apply_overrides(config.model, model)
   return config
 
 

@@ -18,8 +18,7 @@ from pbas_jax import train
 def _config(dim_hidden=32, **model):
   config = config_base.base_config()
   config.model.disc_hidden = dim_hidden
-  for name, value in model.items():
-    setattr(config.model, name, value)
+  config_base.apply_overrides(config.model, model)
   return config
 
 
