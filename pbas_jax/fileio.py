@@ -1,13 +1,21 @@
 """Writing files so that a reader (another process, a resumed run) never sees half of one."""
 import os
 import secrets
+from typing import BinaryIO, Callable
 
 
-def atomic_write(path: str | os.PathLike, data: str | bytes) -> None:
+def atomic_write(path: str | os.PathLike,
+                 data: str | bytes | Callable[[BinaryIO], None]) -> None:
   """Writes `data` to `path` through a temporary file in the same folder and a rename.
 
-  The folder is created; text is written as UTF-8; the file gets the permissions a plain `open`
-  would give it (the umask applies), so shared caches stay readable by others.
+  Args:
+    path: the file; its folder is created.
+    data: text (written as UTF-8), bytes, or a function that writes to the open binary file
+      (for large files, e.g. `lambda f: np.savez(f, **arrays)`, without a copy in memory).
+
+  The file gets the permissions a plain `open` would give it (the umask applies), so shared
+  caches stay readable by others. On any error the temporary file is removed and `path` keeps its
+  old content.
   """
   path = os.fspath(path)
   folder = os.path.dirname(os.path.abspath(path))
@@ -16,7 +24,10 @@ def atomic_write(path: str | os.PathLike, data: str | bytes) -> None:
   fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
   try:
     with os.fdopen(fd, "wb") as f:
-      f.write(data.encode() if isinstance(data, str) else data)
+      if callable(data):
+        data(f)
+      else:
+        f.write(data.encode() if isinstance(data, str) else data)
     os.replace(tmp, path)
   except BaseException:
     os.unlink(tmp)
