@@ -1,16 +1,9 @@
 r"""Sweeps: many runs of the main job (classes x seeds x hyperparameters) on SLURM or locally.
 
-A sweep file defines `get_sweep()` returning a list of override dicts, usually built with
-`product` (the last axis varies fastest; lists concatenate):
-
-    from launch.spec import product
-    def get_sweep():
-      return product(classes=["bottle", "screw"], seeds=[0, 1, 2], **{"model.k": [0.25, 0.3]})
-
-Each dict is one task: one `python -m pbas_jax.main --config=... --workdir=<sweep_dir>/<name>
---config.<key>=<value> ...` run, named from its overrides: `<class>/seed<s>_k<v>` (`all` when the
-sweep does not set the class, `default` when it sets nothing else). Arguments after `--` go to
-every task unchanged (e.g. `-- --config.dataset.root=/data/mvtec`).
+A sweep file defines `get_sweep()`, usually `return product(classes=[...], seeds=[...], ...)`
+with `from launch.spec import product`; `launch.spec` describes the format and how tasks are
+named. Each task is one run of `python -m pbas_jax.main` in `<sweep_dir>/<name>`. Arguments
+after `--` go to every task unchanged (e.g. `-- --config.dataset.root=/data/mvtec`).
 
     python -m launch.sweep --config=configs/mvtec.py --sweep=launch/sweeps/mvtec_seeds.py \
         --sweep_dir=runs/mvtec_seeds --backend=slurm --partition=gpu --time=04:00:00 \
