@@ -5,7 +5,9 @@
 
 Named weights are downloaded through torchvision (needs internet once; torch's hub cache keeps
 the .pth). `random` converts torchvision's own random init after `torch.manual_seed(seed)`.
-Needs the `convert` extra (torch, torchvision); torch is imported only when converting.
+Packaged weights (efficientnet_lite0 `imagenet`) are converted as on first use. Needs the
+`convert` extra (torch, torchvision); torch is imported only when converting. A `.safetensors`
+file needs none of this: give it as `backbone.weights`.
 """
 import argparse
 import os
@@ -26,13 +28,7 @@ def torch_model(arch: str, weights: str, seed: int = 0):
 def variables_from_torch(arch: str, model) -> dict[str, Any]:
   """Flax variables of `model` (a torch module of backbone `arch`), checked against the module."""
   state = {key: value.detach().cpu().numpy() for key, value in model.state_dict().items()}
-  variables = backbones.spec(arch).convert(state)
-  problems = weights_lib.shape_problems(weights_lib.flatten(variables),
-                                        backbones.variable_shapes(arch))
-  if problems:
-    raise ValueError(f"Converting {arch}: the torch weights do not fit the Flax module: "
-                     f"{'; '.join(problems[:5])}")
-  return variables
+  return backbones.from_torch_state(arch, state, where=f"Converting {arch}: the torch weights")
 
 
 def _source(arch: str, weights: str, seed: int) -> str:
@@ -49,6 +45,8 @@ def _source(arch: str, weights: str, seed: int) -> str:
 def convert(arch: str, weights: str, *, seed: int = 0,
             cache_dir: str | os.PathLike | None = None) -> str:
   """Converts and writes `weights_path(arch, weights, ...)`; returns that path."""
+  if weights in backbones.spec(arch).packaged:
+    return str(backbones.weights_file(arch, weights, cache_dir=cache_dir))
   import torch  # pylint: disable=g-import-not-at-top
   import torchvision  # pylint: disable=g-import-not-at-top
   path = weights_lib.weights_path(arch, weights, seed=seed, cache_dir=cache_dir)
@@ -65,7 +63,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--arch", required=True, choices=backbones.names())
   parser.add_argument("--weights", required=True,
-                      help="torchvision weight id (e.g. IMAGENET1K_V1) or 'random'")
+                      help="torchvision weight id (e.g. IMAGENET1K_V1), a packaged one "
+                           "(efficientnet_lite0: imagenet) or 'random'")
   parser.add_argument("--seed", type=int, default=0, help="torch.manual_seed of --weights random")
   parser.add_argument("--cache_dir", default=None,
                       help="output folder (default $PBAS_JAX_CACHE or ~/.cache/pbas_jax)")

@@ -67,7 +67,7 @@ def test_random_init_follows_timm_distributions(random_variables):
   assert not np.any(params["classifier"]["bias"])
 
 
-def test_convert_transposes_depthwise_pointwise_and_dense():
+def test_conversion_transposes_depthwise_pointwise_and_dense():
   rng = np.random.default_rng(0)
   state = {"blocks.1.0.conv_dw.weight": rng.normal(size=(96, 1, 3, 3)),
            "blocks.1.0.conv_pw.weight": rng.normal(size=(96, 16, 1, 1)),
@@ -76,7 +76,13 @@ def test_convert_transposes_depthwise_pointwise_and_dense():
            "blocks.1.0.bn2.num_batches_tracked": np.array(3),
            "classifier.weight": rng.normal(size=(1000, 1280)),
            "classifier.bias": rng.normal(size=1000)}
-  variables = efficientnet.convert_state_dict(state)
+  # The variables of a few modules, with their shapes as the Flax module has them.
+  expected = {key: shape for key, shape in backbones.variable_shapes(NAME).items()
+              if key.split("/")[1] in ("blocks_1_0", "classifier")
+              and key.split("/")[2:] in (["conv_dw", "kernel"], ["conv_pw", "kernel"],
+                                         ["bn2", "scale"], ["bn2", "var"], ["kernel"], ["bias"])}
+  assert len(expected) == 6
+  variables = weights_lib.from_torch(state, expected, where="test", backbone=NAME)
   block = variables["params"]["blocks_1_0"]
   dw = block["conv_dw"]["kernel"]
   assert dw.shape == (3, 3, 1, 96) and dw.dtype == np.float32
@@ -90,8 +96,10 @@ def test_convert_transposes_depthwise_pointwise_and_dense():
                              state["blocks.1.0.bn2.running_var"], rtol=1e-6)
   np.testing.assert_allclose(variables["params"]["classifier"]["kernel"],
                              state["classifier.weight"].T, rtol=1e-6)
-  with pytest.raises(ValueError, match="unexpected|Unexpected"):
-    efficientnet.convert_state_dict({"blocks.0.0.conv_dw.alpha": np.zeros(3)})
+  with pytest.raises(weights_lib.IncompatibleWeightsError,
+                     match="1 unexpected: blocks.1.0.conv_dw.alpha"):
+    weights_lib.from_torch(dict(state, **{"blocks.1.0.conv_dw.alpha": np.zeros(3)}), expected,
+                           where="test", backbone=NAME)
 
 
 def test_package_checkpoint_names_map_to_timm():
@@ -121,8 +129,7 @@ def test_loading_a_converted_file_needs_no_torch(tmp_path, random_variables):
   result = _run_without_torch(f"""
       import jax.numpy as jnp
       from pbas_jax import backbones
-      from pbas_jax.backbones import efficientnet
-      assert efficientnet.ensure_converted("imagenet", cache_dir={str(tmp_path)!r}).exists()
+      assert backbones.weights_file("{NAME}", "imagenet", cache_dir={str(tmp_path)!r}).exists()
       variables = backbones.load_variables("{NAME}", "imagenet", cache_dir={str(tmp_path)!r})
       out, = backbones.create("{NAME}", ("blocks4",)).apply(variables, jnp.ones((1, 64, 64, 3)))
       assert out.shape == (1, 4, 4, 112), out.shape
@@ -133,23 +140,26 @@ def test_loading_a_converted_file_needs_no_torch(tmp_path, random_variables):
 
 def test_missing_file_without_torch_says_how_to_make_it(tmp_path):
   result = _run_without_torch(f"""
-      from pbas_jax.backbones import efficientnet
-      from pbas_jax.backbones.weights import WeightsNotFoundError
+      from pbas_jax import backbones
       try:
-        efficientnet.ensure_converted("imagenet", cache_dir={str(tmp_path)!r})
-      except WeightsNotFoundError as e:
+        backbones.load_variables("{NAME}", "imagenet", cache_dir={str(tmp_path)!r})
+      except backbones.WeightsNotFoundError as e:
+        print(e)
+      try:
+        backbones.weights_sha256("{NAME}", "imagenet", cache_dir={str(tmp_path)!r})
+      except backbones.WeightsNotFoundError as e:
         print(e)
   """)
   assert result.returncode == 0, result.stderr[-3000:]
-  assert "pip install 'pbas_jax[convert]'" in result.stdout
-  assert (f"python -m pbas_jax.convert --arch {NAME} --weights imagenet --cache_dir {tmp_path}"
-          in result.stdout)
+  assert result.stdout.count("pip install 'pbas_jax[convert]'") == 2
+  assert result.stdout.count(
+      f"python -m pbas_jax.convert --arch {NAME} --weights imagenet --cache_dir {tmp_path}") == 2
   assert not list(tmp_path.iterdir())
 
 
-def test_unknown_weights_id():
-  with pytest.raises(ValueError, match="choose one of"):
-    efficientnet.ensure_converted("IMAGENET1K_V1")
+def test_unknown_weights_id(tmp_path):
+  with pytest.raises(ValueError, match=r"choose one of \['imagenet'\], 'random', a .safetensors"):
+    backbones.load_variables(NAME, "IMAGENET1K_V1", cache_dir=tmp_path)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -166,7 +176,7 @@ def _require_convert_extra():
 def converted(tmp_path_factory):
   _require_convert_extra()
   cache = tmp_path_factory.mktemp("weights")
-  path = efficientnet.ensure_converted("imagenet", cache_dir=cache)  # converts: first use
+  path = backbones.weights_file(NAME, "imagenet", cache_dir=cache)  # converts: first use
   return cache, path
 
 
@@ -201,7 +211,7 @@ def _timm_outputs(raw: np.ndarray) -> dict[str, np.ndarray]:
 def test_parity_with_timm(converted, size):
   cache, path = converted
   mtime = path.stat().st_mtime_ns
-  assert efficientnet.ensure_converted("imagenet", cache_dir=cache) == path  # no second convert
+  assert backbones.weights_file(NAME, "imagenet", cache_dir=cache) == path  # no second convert
   assert path.stat().st_mtime_ns == mtime
   raw = _photos(size)
   levels = efficientnet.LEVELS

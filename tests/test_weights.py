@@ -81,6 +81,7 @@ def test_missing_file_names_file_and_command(tmp_path):
   assert str(tmp_path / "wide_resnet50_2-IMAGENET1K_V1.safetensors") in message
   assert (f"python -m pbas_jax.convert --arch wide_resnet50_2 --weights IMAGENET1K_V1 "
           f"--cache_dir {tmp_path}") in message
+  assert ".safetensors" in message
 
 
 def _rewrite(path: pathlib.Path, data: bytes, fix_sha: bool) -> None:
@@ -95,7 +96,7 @@ def _rewrite(path: pathlib.Path, data: bytes, fix_sha: bool) -> None:
 @pytest.mark.parametrize("damage, match", [
     ("truncate", "sha256 differs"),
     ("garbage_header", "not a readable safetensors"),
-    ("drop_key", "missing params/layer4_1/bn2/scale"),
+    ("drop_key", "1 missing: params/layer4_1/bn2/scale"),
     ("wrong_shape", r"params/conv1/kernel is float32\[7, 7, 3, 32\], expected float32\[7, 7, 3, 64\]"),
     ("no_sidecar", "sidecar .* missing or unreadable"),
 ])
@@ -131,3 +132,24 @@ def test_weight_ids_and_cache_dir(tmp_path, monkeypatch):
   for bad in ("DEFAULT", "../x", ""):
     with pytest.raises(ValueError, match="backbone.weights"):
       weights_lib.weights_path(NAME, bad)
+
+
+def test_torch_names_of_flax_variables():
+  assert weights_lib.torch_key("params/layer2_0/downsample_1/scale") == "layer2.0.downsample.1.weight"
+  assert weights_lib.torch_key("batch_stats/layer1_0/bn1/var") == "layer1.0.bn1.running_var"
+  assert weights_lib.torch_key("batch_stats/blocks_2_1/bn3/mean") == "blocks.2.1.bn3.running_mean"
+  assert weights_lib.torch_key("params/conv_stem/kernel") == "conv_stem.weight"
+  assert weights_lib.torch_key("params/classifier/bias") == "classifier.bias"
+  for name in backbones.names():  # one torch name per variable
+    shapes = backbones.variable_shapes(name)
+    assert len({weights_lib.torch_key(key) for key in shapes}) == len(shapes), name
+
+
+def test_weights_sha256_is_that_of_the_loaded_file(saved, tmp_path):
+  cache, path, _ = saved
+  file_sha = hashlib.sha256(path.read_bytes()).hexdigest()
+  assert backbones.weights_sha256(NAME, "random", seed=5, cache_dir=cache) == file_sha
+  # Without a file: the JAX-side init, hashed as the file holding it (`saved` wrote that init).
+  assert backbones.weights_sha256(NAME, "random", seed=5, cache_dir=tmp_path / "none") == file_sha
+  assert backbones.weights_sha256(NAME, "random", seed=6, cache_dir=tmp_path / "none") != file_sha
+  assert not (tmp_path / "none").exists()

