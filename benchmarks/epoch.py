@@ -1,85 +1,172 @@
-r"""Seconds per training epoch on cached features, and the one-time feature extraction.
+r"""Seconds per training epoch: pbas_jax on cached features, and the reference's epoch, measured.
 
-  python benchmarks/epoch.py --root ../shared/data/mpdd --class_name metal_plate
+  python benchmarks/epoch.py [--root $PBAS_DATA/mpdd] [--class_name metal_plate] [--images N]
+      [--image_size 288] [--epochs 3] [--runs R] [--compute_dtype bfloat16] [--reference_epochs 1]
 
-The published settings (288x288, batch 8, WideResNet50 layers 2+3, 1536 dims) on one class; the
-backbone has random weights (speed does not depend on their values). The reference recomputes the
-backbone every step: about 9.4 s per step of 8 images on a 2-core CPU, ~66 s per 54-image epoch.
-Prints one JSON line last.
+The published settings by default (288x288, batch 8, WideResNet50 layers 2+3, 1536 dims) on one
+class's training images, with random backbone weights (speed does not depend on their values; see
+side_by_side.py for how both sides get the same ones).
+
+pbas_jax: the features are extracted once (timed on its own, after compiling), the ABL centers
+built, then `--epochs` epochs are timed after a first one that compiles; the median is reported.
+`--runs` and `--compute_dtype` set the main job's `train.num_runs` and `train.compute_dtype`.
+
+Reference (when torch is installed, in this process, on the same images, after pbas_jax): every
+batch runs the whole torchvision forward (layer4 and fc included), the patch aggregation and the
+train step, as the authors' `_train_discriminator` does (benchmarks/torch_reference.py), from the
+same initial heads and center as pbas_jax's run 0. One warm-up step, then `--reference_epochs`
+epochs; the median is reported. The ratio compares R reference epochs (the reference trains one
+run per process) with one pbas_jax epoch of R runs. Image decoding is left out on both sides.
+
+Prints `uptime` at the start and the end, the figures, and one JSON line last.
 """
 import argparse
 import json
-import os
-import tempfile
 import time
 
 import jax
 import numpy as np
 
-import mpdd_args
-from pbas_jax import backbones
-from pbas_jax import center as center_lib
-from pbas_jax import config_base
-from pbas_jax import data
+import side_by_side
 from pbas_jax import experiment
 from pbas_jax import features as features_lib
+from pbas_jax import multirun
 from pbas_jax import train
+
+
+def pbas_jax_engine(config, features):
+  """pbas_jax's training on cached features (N, H, W, D) as the main job runs it.
+
+  The one call into the training engine (point it at the new one of issue 11). Today:
+  `train.make_jit_train_step` + `train.train_epoch` for one run, `multirun`'s vmapped step for
+  `train.num_runs` > 1.
+
+  Returns:
+    (state, epoch_fn, run0): the initial state (ABL centers built), `epoch_fn(state, epoch) ->
+    state` that trains one epoch (donating `state`) and returns once its metrics are on the host,
+    and run 0's initial (params, center) as numpy arrays for the reference side.
+  """
+  runs = multirun.runs_of(config)
+  states = [experiment.init_state(config, features, run.seed) for run in runs]
+  run0 = jax.device_get((states[0].params, states[0].center))
+  bs = config.dataset.batch_size
+  if len(runs) == 1:
+    step = train.make_jit_train_step(config)
+    return states[0], lambda state, epoch: train.train_epoch(
+        step, state, features, jax.random.key(epoch), bs)[0], run0
+  step = multirun.make_multirun_step(config)
+  hparams = multirun.hparams_of(runs)
+  return multirun.stack(states), lambda state, epoch: multirun.train_epoch(
+      step, state, features, jax.random.split(jax.random.key(epoch), len(runs)), bs,
+      hparams)[0], run0
+
+
+def reference_epochs(reference, run0, images: np.ndarray, config, epochs: int, device: str
+                     ) -> tuple[list[float], float]:
+  """Seconds of each of the reference's `epochs` epochs (after one warm-up step), and how far its
+  first batch's patch features are from pbas_jax's (relative), which checks the inputs agree."""
+  import torch_reference  # pylint: disable=g-import-not-at-top  (needs torch)
+  b, bs = config.backbone, config.dataset.batch_size
+  params, center = run0
+  heads = torch_reference.Heads(params, center, config.model.k, lr=config.optim.lr,
+                                proj_weight_decay=config.optim.proj_weight_decay,
+                                dsc_lr=config.optim.dsc_lr,
+                                dsc_weight_decay=config.optim.dsc_weight_decay, device=device)
+  torch_images = side_by_side.to_torch(images, device)
+
+  def features(batch):
+    return torch_reference.patch_features(reference(batch), b.patch_size, b.pretrain_dim,
+                                          b.target_dim)
+
+  first = features(torch_images[:bs])
+  heads.step(first)  # warm-up (allocator, kernels)
+  times = []
+  for epoch in range(epochs):
+    order = np.random.default_rng(epoch).permutation(len(images))  # the shuffling loader
+    side_by_side.sync(device)
+    t = time.perf_counter()
+    for start in range(0, len(order), bs):
+      heads.step(features(torch_images[order[start:start + bs]]))
+    side_by_side.sync(device)
+    times.append(time.perf_counter() - t)
+  return times, first.cpu().numpy()
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  mpdd_args.add_mpdd_args(parser)
-  parser.add_argument("--dataset", default="mpdd")
-  parser.add_argument("--image_size", type=int, default=288)
-  parser.add_argument("--backbone", default="wide_resnet50_2")
-  parser.add_argument("--epochs", type=int, default=3, help="timed epochs after one warm-up")
+  side_by_side.add_args(parser)
+  parser.add_argument("--epochs", type=int, default=3, help="timed epochs after one that compiles")
+  parser.add_argument("--runs", type=int, default=1, help="train.num_runs")
+  parser.add_argument("--compute_dtype", default=None, help="train.compute_dtype (default: "
+                      "the config's)")
+  parser.add_argument("--reference_epochs", type=int, default=1)
   args = parser.parse_args()
+  load_start = side_by_side.load()
+  print(f"start: {load_start}")
 
-  config = config_base.base_config()
-  config.dataset.name = args.dataset
-  config.dataset.image_size = config.dataset.resize = args.image_size
-  config.backbone.name = args.backbone
-  source = data.load_split(args.dataset, args.root, args.class_name, "train",
-                           data_dir=os.path.join(tempfile.gettempdir(), "pbas_bench_tfds"),
-                           image_size=args.image_size, resize=args.image_size)
-  variables = backbones.load_variables(args.backbone, "random", seed=0)
-  extractor = features_lib.make_extractor(args.backbone, variables, tuple(config.backbone.layers))
+  config = side_by_side.config_from(args)
+  config.train.num_runs = args.runs
+  if args.compute_dtype:
+    if "compute_dtype" not in config.train:
+      raise SystemExit("--compute_dtype: this pbas_jax has no train.compute_dtype setting yet "
+                       "(issue 11 item 8)")
+    config.train.compute_dtype = args.compute_dtype
+  with_reference = side_by_side.reference_wanted(args)
+  images, _ = side_by_side.load_images(args, "train")
+  n, bs = len(images), args.batch_size
+  steps = -(-n // bs)
 
-  # Warm the extractor's compilation on one batch so the extraction figure is steady-state work.
-  jax.block_until_ready(extractor(next(data.batches(source, config.eval.batch_size))["image"]))
+  variables, reference, device = side_by_side.backbone(args, with_reference)
+  b = config.backbone
+  extractor = features_lib.make_extractor(b.name, variables, tuple(b.layers), b.patch_size,
+                                          b.pretrain_dim, b.target_dim)
+  side_by_side.extract(extractor, images[:bs], bs)  # compiles
   t = time.perf_counter()
-  split = experiment.extract_split(extractor, source, config, np.zeros(0, int), "features")
-  jax.block_until_ready(split.features)
+  features = side_by_side.extract(extractor, images, bs)
   extract_s = time.perf_counter() - t
 
-  state = train.create_train_state(config, jax.random.key(0), split.features.shape[-1])
   t = time.perf_counter()
-  state = state.replace(center=center_lib.init_center(
-      state.project, experiment.center_batches(split.features, jax.random.key(1), 8)))
-  jax.block_until_ready(state.center)
-  center_s = time.perf_counter() - t
-
-  step_fn = train.make_jit_train_step(config)
+  state, epoch_fn, run0 = pbas_jax_engine(config, features)
+  jax.block_until_ready(state)
+  init_s = time.perf_counter() - t
   times = []
   for epoch in range(args.epochs + 1):  # the first epoch compiles (full and partial batch)
     t = time.perf_counter()
-    state, metrics = train.train_epoch(step_fn, state, split.features, jax.random.key(epoch), 8)
+    state = epoch_fn(state, epoch)
     times.append(time.perf_counter() - t)
-  epoch_s = float(np.median(times[1:]))
-  n = split.features.shape[0]
-  steps = -(-n // 8)
+  epoch_s = side_by_side.median(times[1:])
+
   result = {
       "benchmark": "epoch", "backend": jax.default_backend(), "device": str(jax.devices()[0]),
       "dataset": args.dataset, "class": args.class_name, "images": n,
-      "image_size": args.image_size, "backbone": args.backbone, "batch_size": 8,
-      "extraction_s": round(extract_s, 2), "extraction_images_per_s": round(n / extract_s, 2),
-      "center_init_s": round(center_s, 2), "first_epoch_s_with_compile": round(times[0], 2),
-      "epoch_s_median": round(epoch_s, 3), "step_s": round(epoch_s / steps, 3),
-      "reference_epoch_s": 66.0, "speedup_vs_reference_epoch": round(66.0 / epoch_s, 1),
-      "final_loss": round(metrics["loss"], 4),
+      "image_size": args.image_size, "backbone": b.name, "layers": list(b.layers),
+      "dims": b.target_dim, "batch_size": bs, "steps_per_epoch": steps, "runs": args.runs,
+      "compute_dtype": config.train.get("compute_dtype", "float32"),
+      "extraction_s": round(extract_s, 3), "extraction_images_per_s": round(n / extract_s, 2),
+      "init_s_with_compile": round(init_s, 2), "first_epoch_s_with_compile": round(times[0], 2),
+      "epoch_s": round(epoch_s, 4), "epoch_s_all": [round(x, 4) for x in times[1:]],
+      "reference": None,
   }
-  print(f"extraction {extract_s:.1f} s ({n} images), center {center_s:.1f} s, "
-        f"epoch {epoch_s:.2f} s ({steps} steps; reference ~66 s)")
+  print(f"pbas_jax: extraction {extract_s:.2f} s ({n} images, once), centers {init_s:.1f} s, "
+        f"epoch {epoch_s:.3f} s ({args.runs} run(s), {steps} steps each)")
+  if with_reference:
+    ref_times, ref_first = reference_epochs(reference, run0, images, config,
+                                            args.reference_epochs, device)
+    ref_s = side_by_side.median(ref_times)
+    result["reference"] = {
+        "epoch_s": round(ref_s, 3), "epoch_s_all": [round(x, 3) for x in ref_times],
+        **side_by_side.torch_setting(device),
+        "features_relative_difference": side_by_side.relative_difference(
+            features[:bs], ref_first)}
+    result["speedup"] = round(args.runs * ref_s / epoch_s, 2)
+    print(f"reference (torch, {device}): epoch {ref_s:.2f} s, backbone every step; features "
+          f"agree to {result['reference']['features_relative_difference']:.1e} relative")
+    print(f"ratio: {args.runs} reference epoch(s) / one pbas_jax epoch of {args.runs} run(s) = "
+          f"{result['speedup']}x")
+  else:
+    print("torch not installed (or --no_reference): pbas_jax's figures only, no reference side")
+  result["load_start"], result["load_end"] = load_start, side_by_side.load()
+  print(f"end: {result['load_end']}")
   print(json.dumps(result))
 
 

@@ -81,16 +81,23 @@ def _tensor(x) -> torch.Tensor:
   return torch.tensor(np.asarray(x, np.float32))
 
 
+def _numpy_tree(tree):
+  if isinstance(tree, dict):
+    return {key: _numpy_tree(value) for key, value in tree.items()}
+  return tree.detach().cpu().numpy().copy()
+
+
 class Heads:
   """The reference's projector (one Linear), discriminator (Linear, BatchNorm1d, LeakyReLU 0.2,
   Linear without bias, Sigmoid), center and optimizers (Adam with coupled L2 for P, AdamW for D),
-  holding the values of a pbas_jax state's `params`, `center` and (optionally) `batch_stats`.
+  holding the values of a pbas_jax state's `params`, `center` (None: `predict` only) and
+  (optionally) `batch_stats`, on torch `device`.
   """
 
-  def __init__(self, params: Mapping[str, Any], center, k: float = 0.25,
+  def __init__(self, params: Mapping[str, Any], center=None, k: float = 0.25,
                batch_stats: Mapping[str, Any] | None = None, lr: float = 1e-4,
                proj_weight_decay: float = 1e-5, dsc_lr: float = 2e-4,
-               dsc_weight_decay: float = 1e-2):
+               dsc_weight_decay: float = 1e-2, device: str = "cpu"):
     proj, disc = params["projector"]["layer0"], params["discriminator"]
     dim, hidden = np.shape(disc["block0_linear"]["kernel"])
     self.dim, self.k = dim, k
@@ -110,10 +117,12 @@ class Heads:
         stats = batch_stats["discriminator"]["block0_bn"]
         self.disc[1].running_mean.copy_(_tensor(stats["mean"]))
         self.disc[1].running_var.copy_(_tensor(stats["var"]))
+    self.proj.to(device)
+    self.disc.to(device)
     self.proj_opt = torch.optim.Adam(self.proj.parameters(), lr, weight_decay=proj_weight_decay)
     self.dsc_opt = torch.optim.AdamW(self.disc.parameters(), lr=dsc_lr,
                                      weight_decay=dsc_weight_decay)
-    self.c = _tensor(center)
+    self.c = None if center is None else _tensor(center).to(device)
 
   def step(self, features: torch.Tensor) -> dict[str, float]:
     """One training iteration on patch features (B, H, W, D); returns the step's metrics.
@@ -178,13 +187,7 @@ class Heads:
     b, h, w, _ = features.shape
     with torch.no_grad():
       patch = self.disc(self.proj(features.reshape(-1, self.dim))).reshape(b, h, w)
-      image_scores = patch.reshape(b, -1).max(dim=1).values.numpy()
+      image_scores = patch.reshape(b, -1).max(dim=1).values.cpu().numpy()
       up = F.interpolate(patch.unsqueeze(1), size=size, mode="bilinear", align_corners=False)
-      maps = [scipy.ndimage.gaussian_filter(m, sigma=sigma) for m in up.squeeze(1).numpy()]
+      maps = [scipy.ndimage.gaussian_filter(m, sigma=sigma) for m in up.squeeze(1).cpu().numpy()]
     return image_scores, np.stack(maps)
-
-
-def _numpy_tree(tree):
-  if isinstance(tree, dict):
-    return {key: _numpy_tree(value) for key, value in tree.items()}
-  return tree.detach().numpy().copy()
