@@ -53,6 +53,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
       "model.synthesis": ("ray", "gaussian"),
       "model.scoring": ("discriminator", "center_distance"),
       "train.cache_dtype": ("float32", "bfloat16"),
+      "train.feature_cache": feature_cache.MODES,
       "train.cache_device": ("auto", "device", "host"),
       "eval.selection": ("last", "test_oracle"),
       "eval.pro_variant": ("standard", "reference"),
@@ -360,8 +361,9 @@ def run_class(config: ml_collections.ConfigDict, workdir: str, class_name: str, 
     notes.append(cropped)
   keep = heatmap_indices(len(test_src), config.eval.heatmaps)
   t_test = time.time()
-  test = feature_cache.extract_split(extractor, test_src, config, keep,
-                                     f"{class_name} test features")
+  features_dir = os.path.join(cache_dir(), "features")
+  test = feature_cache.load_or_extract(extractor, test_src, config, keep,
+                                       f"{class_name} test features", directory=features_dir)
   t_test = time.time() - t_test
 
   if config.eval.only:
@@ -375,8 +377,9 @@ def run_class(config: ml_collections.ConfigDict, workdir: str, class_name: str, 
     train_src = data.load_split(builder, root, class_name, "train", **split_args)
     subset = (data.subsample_indices(len(train_src), config.dataset.subsample, config.train.seed)
               if config.dataset.subsample < 1 else None)
-    train_split = feature_cache.extract_split(extractor, train_src, config, np.zeros(0, int),
-                                              f"{class_name} train features", subset)
+    train_split = feature_cache.load_or_extract(extractor, train_src, config, np.zeros(0, int),
+                                                f"{class_name} train features", subset,
+                                                directory=features_dir)
     trained = train_runs(config, class_dir, train_split, test, runs, mesh)
     for model, (state, epoch) in zip(models, trained):
       model.save(epoch, state, {"config_hash": chash, "epoch": epoch})
