@@ -5,12 +5,17 @@ step and the achieved GFLOP/s (XLA's count of the compiled step), then one JSON 
 
   python benchmarks/train_step.py [--steps 10] [--batch 8] [--grid 36] [--dim 1536]
 
-Reference (authors' code, this CPU, training part only): about 3.5 s per step.
+When torch is installed, the reference's step (its training part only, re-stated op for op in
+benchmarks/torch_reference.py) is timed in this process on the same features, from the same
+initial heads and center, and the ratio printed; without torch, pbas_jax's figures only.
 """
 import argparse
+import importlib.util
 import json
 import statistics
 import time
+
+import numpy as np
 
 import jax
 import jax.numpy as jnp
@@ -43,6 +48,7 @@ def main():
   state = train.create_train_state(config, key_state, args.dim)
   batches = [features, features[::-1] * 0.5 + 0.1]
   state = state.replace(center=center_lib.init_center(state.project, batches))
+  initial = jax.device_get((state.params, state.center))  # the step donates the state
 
   step = train.make_jit_train_step(config)
   compiled = step.lower(state, features, key_step).compile()
@@ -66,15 +72,39 @@ def main():
   print(f"step times (s): {' '.join(f'{t:.3f}' for t in times)}")
   print(f"median {median:.3f} s/step; XLA flops {flops / 1e9:.1f} G -> {flops / median / 1e9:.1f} "
         f"GFLOP/s; reference-equivalent {ref / 1e9:.1f} GFLOP -> {ref / median / 1e9:.1f} GFLOP/s")
-  print(json.dumps({"benchmark": "train_step", "batch": args.batch, "grid": args.grid,
-                    "dim": args.dim, "centers": args.grid * args.grid, "steps": args.steps,
-                    "median_s": round(median, 4), "min_s": round(min(times), 4),
-                    "xla_gflop": round(flops / 1e9, 2),
-                    "gflops_per_s": round(flops / median / 1e9, 2),
-                    "reference_gflop": round(ref / 1e9, 2),
-                    "reference_equivalent_gflops_per_s": round(ref / median / 1e9, 2),
-                    "loss": float(metrics["loss"]),
-                    "device": jax.devices()[0].device_kind}))
+  result = {"benchmark": "train_step", "batch": args.batch, "grid": args.grid,
+            "dim": args.dim, "centers": args.grid * args.grid, "steps": args.steps,
+            "median_s": round(median, 4), "min_s": round(min(times), 4),
+            "xla_gflop": round(flops / 1e9, 2),
+            "gflops_per_s": round(flops / median / 1e9, 2),
+            "reference_gflop": round(ref / 1e9, 2),
+            "reference_equivalent_gflops_per_s": round(ref / median / 1e9, 2),
+            "loss": float(metrics["loss"]),
+            "device": jax.devices()[0].device_kind, "torch_median_s": None}
+  if importlib.util.find_spec("torch") is not None:
+    torch_s = torch_step_seconds(initial, np.asarray(features), config.model.k, args.steps)
+    result.update(torch_median_s=round(torch_s, 4), speedup=round(torch_s / median, 2))
+    print(f"reference step (torch, cpu, {args.steps} steps): median {torch_s:.3f} s/step -> "
+          f"{torch_s / median:.2f}x")
+  else:
+    print("torch not installed: pbas_jax's figures only, no reference side")
+  print(json.dumps(result))
+
+
+def torch_step_seconds(initial, features: np.ndarray, k: float, steps: int) -> float:
+  """Median seconds of the reference's step (torch_reference.Heads) after one warm-up step."""
+  import torch  # pylint: disable=g-import-not-at-top  (convert extra)
+  import torch_reference  # pylint: disable=g-import-not-at-top
+  params, center = initial
+  heads = torch_reference.Heads(params, center, k)
+  batch = torch.tensor(features)
+  heads.step(batch)  # warm-up
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    heads.step(batch)  # returns after .item(): the step has finished
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
 
 
 if __name__ == "__main__":
