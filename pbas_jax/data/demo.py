@@ -3,7 +3,8 @@
 Nothing is downloaded: every image is rendered from numpy noise, deterministically from a seed, so
 the whole pipeline (features, training, evaluation, heatmaps) can be run anywhere in minutes.
 
-Layout written under `root` (the MVTec AD layout the `mvtec` loader reads):
+Layout written under `root`: the MVTec AD layout, which the main job (`dataset.name=demo`) reads
+with the `folder` builder (`pbas_jax.data.builders.PbasFolder`):
 
   <root>/<class>/train/good/000.png ...
   <root>/<class>/test/good/000.png ...
@@ -63,7 +64,7 @@ def _polyline_distance(points: np.ndarray, n: int) -> np.ndarray:
 
 
 def _blob(rng: np.random.Generator, n: int, radius: float, margin: float) -> np.ndarray:
-  """An irregular, connected blob of roughly `radius` pixels, fully inside the image: (n, n) bool."""
+  """An irregular, connected blob of about `radius` pixels, fully inside the image: (n, n) bool."""
   cy, cx = rng.uniform(margin, n - margin, size=2)
   yy, xx = _grid(n)
   ry, rx = radius * rng.uniform(0.7, 1.3, size=2)
