@@ -167,3 +167,15 @@ def test_changed_source_or_root_is_prepared_again(tmp_path, monkeypatch):
   assert len(data.load_split("mvtec", other, "bottle", "test", **kw)) == 2
   assert len(reads) == 9 + 6
   assert not list((tmp_path / "tfds" / "pbas_mvtec" / "bottle").glob("incomplete*"))
+
+
+def test_preparing_prints_no_tfds_download_chatter(tmp_path, capfd):
+  root = data_trees.mvtec_tree(tmp_path / "raw")
+  data.load_split("mvtec", root, "bottle", "test", data_dir=tmp_path / "tfds", image_size=32,
+                  resize=32)
+  out, err = capfd.readouterr()
+  # TFDS's own lines for a download (none happens) and its bars naming temporary shuffle files.
+  for chatter in ("Downloading and preparing", "Unknown size", "Shuffling", "incomplete.",
+                  "Subsequent calls"):
+    assert chatter not in out + err, (chatter, out + err)
+  assert "preparing mvtec/bottle test" in err  # our one bar per split
