@@ -300,6 +300,28 @@ def test_local_sweep_over_two_alphas_aggregates_into_one_table(tmp_path, fake_ma
   assert means == [("0.1", "65.0", "2"), ("0.3", "85.0", "2")]
 
 
+@pytest.mark.slow
+def test_real_main_job_alpha_curve_aggregates_per_alpha(tmp_path, mpdd_root, monkeypatch):
+  """The real main job (smoke config, one epoch) trains two alphas in one task on MPDD."""
+  monkeypatch.chdir(REPO)
+  monkeypatch.setenv("PBAS_JAX_CACHE", str(tmp_path / "cache"))
+  monkeypatch.delenv("XLA_FLAGS", raising=False)  # one host device, as a real run
+  sweep_file = _write_sweep(tmp_path, "product(classes=['metal_plate'], seeds=[0])")
+  sweep_dir = tmp_path / "sw"
+  extra_args = [f"--config.dataset.root={mpdd_root}", "--config.train.k_values=0.1,0.3",
+                "--config.backbone.name=resnet18", "--config.train.epochs=1",
+                "--config.eval.heatmaps=0"]
+  code = sweep.launch(str(sweep_file), config=CONFIG, sweep_dir=str(sweep_dir),
+                      backend="local", extra_args=extra_args)
+  assert code == 0, (sweep_dir / "logs" / "metal_plate" / "seed0.err").read_text()[-3000:]
+  groups, _ = aggregate.aggregate(sweep_dir)
+  assert [(g.dataset, g.alpha, [s.name for s in g.classes]) for g in groups] == [
+      ("mpdd", 0.1, ["metal_plate"]), ("mpdd", 0.3, ["metal_plate"])]
+  rows = json.loads((sweep_dir / "metal_plate" / "seed0" / "results.json").read_text())["rows"]
+  for g, row in zip(groups, rows):
+    assert row["alpha"] == g.alpha and g.mean.metrics["i_auroc"] == (row["i_auroc"], None)
+
+
 def _results(workdir: pathlib.Path, rows: list, notes=()) -> None:
   workdir.mkdir(parents=True, exist_ok=True)
   (workdir / "results.json").write_text(json.dumps({"rows": rows, "mean": {}, "selection": "last",
