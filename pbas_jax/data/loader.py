@@ -3,6 +3,7 @@
   source = load_split("mpdd", "/data/mpdd", "metal_plate", "test", data_dir="/data/tfds")
   for batch in batches(source, 8):           # ordered; seed=... shuffles
     batch["image"]                           # (8, S, S, 3) float32, ImageNet-normalized
+  crop_losses(source).message()              # "" unless the crop cuts defects (warn once)
 
 Every batch has exactly `batch_size` rows: the last partial batch is padded with zero rows and
 `valid` (B,) says which rows are real, so a jitted consumer sees one shape. Consumers drop or
@@ -38,6 +39,7 @@ class Source:
     filename     str: source path relative to the raw root
     index        int64: i
   `has_masks` is False when any defective image lacks a mask: pixel metrics must be skipped.
+  `geometry` (`preprocess.Geometry`) says how every image and mask became (S, S).
   """
 
   def __init__(self, data_source, *, dataset: str, class_name: str, split: str,
