@@ -1,0 +1,119 @@
+"""Per-epoch scalars as TensorBoard curves: event files written with tensorboardX.
+
+tensorboardX writes TensorBoard's event-file format with protobuf and numpy only (neither
+TensorFlow nor torch). A class's curves go to `<class dir>/tensorboard/`, so
+`tensorboard --logdir <workdir>` shows one run per class. Only process 0 writes; on the other
+processes of a multi-host job a writer does nothing. Writes are synchronous (tensorboardX's
+`EventsWriter`, not its queue-and-thread `SummaryWriter`, whose flush leaves queued points
+unwritten): after `flush()` every point written so far is in the file.
+
+Resumed runs: a writer always starts a new event file in the directory, opened with `first_step`,
+the first step it will write (0 for a fresh run, the first epoch not covered by the restored
+checkpoint on a resume). The file starts with a restart marker at that step (a SessionLog START
+event, what tensorboardX's and torch's `purge_step` write). TensorBoard then shows the new points
+in place of the old ones: a tag's points at steps >= `first_step` from earlier files (the epochs an
+interrupted run logged after its last checkpoint, or the curves of an earlier run in a reused
+workdir) are dropped. Its default loader (the Rust data server) drops them per tag, once the new
+run writes that tag again at an earlier step; the Python loader (`--load_fast=false`) drops all
+tags' at the marker. Either way the older files keep those points on disk.
+"""
+import os
+import sys
+import time
+from typing import Mapping, Optional
+
+import jax
+import numpy as np
+
+TENSORBOARD_DIR = "tensorboard"  # under the class directory
+
+
+def _tensorboardx():
+  """The tensorboardX modules used here, imported without torch."""
+  # tensorboardX imports torch when it is installed only to accept torch tensors: 8 s and 0.9 GB
+  # of memory here, and on a GPU machine torch's CUDA libraries would load next to JAX's. A None
+  # entry in sys.modules makes that optional import fail as if torch were absent.
+  hide_torch = "tensorboardX" not in sys.modules and "torch" not in sys.modules
+  if hide_torch:
+    sys.modules["torch"] = None
+  try:
+    # pylint: disable=g-import-not-at-top
+    from tensorboardX import event_file_writer
+    from tensorboardX.proto import event_pb2
+    from tensorboardX.proto import summary_pb2
+  finally:
+    if hide_torch:
+      del sys.modules["torch"]
+  return event_file_writer, event_pb2, summary_pb2
+
+
+def _as_float(value) -> Optional[float]:
+  """A number (Python, numpy or a one-element array) as float; None for anything else."""
+  if value is None:
+    return None
+  array = np.asarray(value)
+  if array.dtype.kind not in "biuf" or array.size != 1:
+    return None
+  return float(array.reshape(()))
+
+
+class ScalarWriter:
+  """Appends scalars (one point per tag and step) to a new event file in `directory`.
+
+  `first_step`: the smallest step this writer will write; TensorBoard drops the points at steps
+  >= `first_step` from the directory's earlier event files (see the module docstring).
+  """
+
+  def __init__(self, directory: str, first_step: int):
+    self.directory = directory
+    self._writer = None
+    self._closed = False
+    if jax.process_index() != 0:
+      return
+    os.makedirs(directory, exist_ok=True)
+    event_file_writer, self._event_pb2, self._summary_pb2 = _tensorboardx()
+    # tensorboardX names files by the second; the suffix keeps two writers in the same second
+    # apart, in creation order (TensorBoard reads a directory's files sorted by name).
+    self._writer = event_file_writer.EventsWriter(os.path.join(directory, "events"),
+                                                  f".{time.time_ns()}")
+    self._writer.write_event(self._event_pb2.Event(
+        wall_time=time.time(), step=int(first_step),
+        session_log=self._event_pb2.SessionLog(status=self._event_pb2.SessionLog.START)))
+
+  def write(self, step: int, scalars: Mapping[str, object]) -> None:
+    """Adds `scalars` at `step`; None and non-numeric values (strings, arrays) are skipped."""
+    if self._closed:
+      raise RuntimeError(f"curves: the writer on {self.directory} is closed")
+    if self._writer is None:
+      return
+    summary = self._summary_pb2.Summary()
+    for tag, value in scalars.items():
+      number = _as_float(value)
+      if number is not None:
+        summary.value.add(tag=str(tag), simple_value=number)
+    if summary.value:
+      self._writer.write_event(self._event_pb2.Event(wall_time=time.time(), step=int(step),
+                                                     summary=summary))
+
+  def flush(self) -> None:
+    """Writes the buffered points to disk."""
+    if self._writer is not None:
+      self._writer.flush()
+
+  def close(self) -> None:
+    """Flushes and closes the event file; closing again does nothing."""
+    if self._writer is not None:
+      self._writer.close()
+      self._writer = None
+    self._closed = True
+
+  def __enter__(self) -> "ScalarWriter":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
+def open_writer(class_dir: str, first_step: int = 0) -> ScalarWriter:
+  """A `ScalarWriter` on `<class_dir>/tensorboard` whose first point is at `first_step`."""
+  return ScalarWriter(os.path.join(class_dir, TENSORBOARD_DIR), first_step)
