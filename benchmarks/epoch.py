@@ -164,7 +164,8 @@ def main():
     print(f"ratio: {args.runs} reference epoch(s) / one pbas_jax epoch of {args.runs} run(s) = "
           f"{result['speedup']}x")
   else:
-    print("torch not installed (or --no_reference): pbas_jax's figures only, no reference side")
+    why = "--no_reference" if args.no_reference else "torch not installed"
+    print(f"{why}: pbas_jax's figures only, no reference side")
   result["load_start"], result["load_end"] = load_start, side_by_side.load()
   print(f"end: {result['load_end']}")
   print(json.dumps(result))
