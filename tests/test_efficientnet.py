@@ -190,10 +190,9 @@ def _photos(size: tuple[int, int]) -> np.ndarray:
                    for p in photos]) / 255.0
 
 
-def _timm_outputs(raw: np.ndarray) -> dict[str, np.ndarray]:
-  """timm's logits and stage outputs (forward hooks) for raw [0, 1] images (B, H, W, 3)."""
+def _timm_outputs(model, raw: np.ndarray) -> dict[str, np.ndarray]:
+  """timm `model`'s logits and stage outputs (forward hooks) for raw [0, 1] images (B, H, W, 3)."""
   import torch  # pylint: disable=g-import-not-at-top
-  model = efficientnet.timm_model("imagenet")
   outputs = {}
   for level in efficientnet.LEVELS[:-1]:
     stage = model.blocks[int(level.removeprefix("blocks"))]
@@ -204,6 +203,15 @@ def _timm_outputs(raw: np.ndarray) -> dict[str, np.ndarray]:
   with torch.no_grad():
     outputs["logits"] = model(torch.from_numpy(x).permute(0, 3, 1, 2)).numpy()
   return outputs
+
+
+def _assert_close(ours, theirs) -> None:
+  for level, out in zip(efficientnet.LEVELS, ours):
+    ref = theirs[level]
+    assert out.shape == ref.shape, level
+    # Max abs difference relative to the largest |value| of the reference.
+    error = np.abs(np.asarray(out) - ref).max() / np.abs(ref).max()
+    assert error < 1e-4, (level, error)
 
 
 @pytest.mark.parity
@@ -218,14 +226,28 @@ def test_parity_with_timm(converted, size):
   variables = backbones.load_variables(NAME, "imagenet", cache_dir=cache)
   ours = jax.jit(backbones.create(NAME, levels).apply)(variables,
                                                        (raw - IMAGENET_MEAN) / IMAGENET_STD)
-  theirs = _timm_outputs(raw)
-  for level, out in zip(levels, ours):
-    ref = theirs[level]
-    assert out.shape == ref.shape, level
-    # Max abs difference relative to the largest |value| of the reference.
-    error = np.abs(np.asarray(out) - ref).max() / np.abs(ref).max()
-    assert error < 1e-4, (level, error)
+  theirs = _timm_outputs(efficientnet.timm_model("imagenet"), raw)
+  _assert_close(ours, theirs)
   logits = np.asarray(ours[-1])
   np.testing.assert_array_equal(logits.argmax(-1), theirs["logits"].argmax(-1))
   # Real ImageNet weights: the cat is a cat (281-285), the coffee an espresso (967).
   assert 281 <= logits[0].argmax() <= 285 and logits[1].argmax() == 967, logits.argmax(-1)
+
+
+@pytest.mark.parity
+def test_timm_state_dict_as_safetensors_matches_timm(tmp_path):
+  """timm's own names, read from a .safetensors file without torch."""
+  for module in ("torch", "timm"):
+    require(importlib.util.find_spec(module) is not None, f"{module} missing: install the convert extra")
+  import safetensors.numpy  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(0)
+  model = efficientnet.timm_model(None)
+  source = tmp_path / "lite0.safetensors"
+  safetensors.numpy.save_file({key: value.numpy() for key, value in model.state_dict().items()},
+                              str(source))
+  variables = backbones.load_variables(NAME, str(source), cache_dir=tmp_path / "cache")
+  raw = np.random.default_rng(0).uniform(size=(2, 72, 96, 3)).astype(np.float32)
+  ours = jax.jit(backbones.create(NAME, efficientnet.LEVELS).apply)(
+      variables, (raw - IMAGENET_MEAN) / IMAGENET_STD)
+  _assert_close(ours, _timm_outputs(model, raw))
