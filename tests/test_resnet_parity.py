@@ -25,14 +25,9 @@ def test_stages_in_requested_order_and_nothing_past_the_deepest():
     backbones.create("resnet19", ("layer2",))
 
 
-@pytest.mark.parity
-@pytest.mark.parametrize("arch", ["resnet18", "resnet50", "resnet101", "wide_resnet50_2"])
-def test_layer2_layer3_match_torchvision(arch):
-  require(importlib.util.find_spec("torchvision") is not None,
-          "torchvision missing: install the convert extra")
+def assert_layer2_layer3_match(arch: str, variables, model, images: np.ndarray) -> None:
+  """Flax `arch` with `variables` gives torch `model`'s layer2 and layer3 on `images` (B, H, W, 3)."""
   import torch  # pylint: disable=g-import-not-at-top
-  model = convert.torch_model(arch, "random", seed=0)
-  images = np.random.default_rng(0).standard_normal((1, 288, 288, 3)).astype(np.float32)
   captured = {}
   for name in ("layer2", "layer3"):
     getattr(model, name).register_forward_hook(
@@ -42,10 +37,20 @@ def test_layer2_layer3_match_torchvision(arch):
 
   module = backbones.create(arch, ("layer2", "layer3"))
   with jax.default_matmul_precision("highest"):
-    layer2, layer3 = jax.jit(module.apply)(convert.variables_from_torch(arch, model), images)
+    layer2, layer3 = jax.jit(module.apply)(variables, images)
   for name, got in (("layer2", layer2), ("layer3", layer3)):
     want = captured[name]
     assert got.shape == want.shape
     error = np.abs(np.asarray(got) - want).max() / np.abs(want).max()
     print(f"{arch} {name}: max|diff|/max|torch| = {error:.2e}")
     assert error <= 1e-5, (arch, name, error)
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50", "resnet101", "wide_resnet50_2"])
+def test_layer2_layer3_match_torchvision(arch):
+  require(importlib.util.find_spec("torchvision") is not None,
+          "torchvision missing: install the convert extra")
+  model = convert.torch_model(arch, "random", seed=0)
+  images = np.random.default_rng(0).standard_normal((1, 288, 288, 3)).astype(np.float32)
+  assert_layer2_layer3_match(arch, convert.variables_from_torch(arch, model), model, images)

@@ -11,13 +11,13 @@ import subprocess
 import sys
 import textwrap
 
-import jax
 import numpy as np
 import pytest
 import safetensors.numpy
 
 from conftest import require
 from pbas_jax import backbones
+from test_resnet_parity import assert_layer2_layer3_match
 from pbas_jax.backbones import weights as weights_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -56,7 +56,6 @@ def _cache_files(cache: pathlib.Path) -> list[str]:
 
 
 def test_torchvision_file_converts_once_and_matches_torch(resnet18_file, tmp_path):
-  import torch  # pylint: disable=g-import-not-at-top
   model, source = resnet18_file
   cache = tmp_path / "cache"
   variables = backbones.load_variables("resnet18", str(source), cache_dir=cache)
@@ -71,18 +70,7 @@ def test_torchvision_file_converts_once_and_matches_torch(resnet18_file, tmp_pat
       hashlib.sha256(converted.read_bytes()).hexdigest())
 
   images = np.random.default_rng(0).standard_normal((2, 64, 80, 3)).astype(np.float32)
-  captured = {}
-  for name in ("layer2", "layer3"):
-    getattr(model, name).register_forward_hook(
-        lambda _, __, out, name=name: captured.__setitem__(name, out.permute(0, 2, 3, 1).numpy()))
-  with torch.no_grad():
-    model(torch.from_numpy(images.transpose(0, 3, 1, 2)))
-  with jax.default_matmul_precision("highest"):
-    outs = jax.jit(backbones.create("resnet18", ("layer2", "layer3")).apply)(variables, images)
-  for name, got in zip(("layer2", "layer3"), outs):
-    want = captured[name]
-    assert got.shape == want.shape
-    assert np.abs(np.asarray(got) - want).max() / np.abs(want).max() <= 1e-5, name
+  assert_layer2_layer3_match("resnet18", variables, model, images)
 
   # Reused afterwards: not converted again.
   mtime = converted.stat().st_mtime_ns
