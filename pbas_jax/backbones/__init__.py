@@ -223,7 +223,7 @@ def load_variables(name: str, weights: str, *, seed: int = 0,
                  name, seed)
     return init_variables(name, seed)
   if weights_lib.is_source(weights):
-    remake = f"with the same backbone.weights (it converts {weights} again)"
+    remake = f"with backbone.weights={weights} (converted again on first use)"
   else:
     remake = weights_lib.convert_command(name, weights, seed, cache_dir)
   return weights_lib.read_variables(path, variable_shapes(name), remake=remake)
