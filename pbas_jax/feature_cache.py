@@ -214,6 +214,9 @@ def load_or_extract(extractor, source: data.Source, config: ml_collections.Confi
                     directory: str) -> Split:
   """`extract_split`, through the disk cache in `directory` unless `train.feature_cache=off`."""
   if config.train.feature_cache == "off" or jax.process_count() > 1:
+    if config.train.feature_cache != "off":
+      logging.log_first_n(logging.INFO, "features are not cached on disk in multi-process runs",
+                          1)
     return extract_split(extractor, source, config, keep, desc, indices)
   fields = key_fields(source, config, indices)
   path = entry_path(directory, fields)

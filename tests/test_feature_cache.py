@@ -48,6 +48,7 @@ def setup(tmp_path_factory):
   config.dataset.root = str(_noise_tree(base / "raw", ("bottle", "cable")))
   config.dataset.data_dir = str(base / "tfds")
   config.dataset.image_size = config.dataset.resize = 32
+  config.dataset.resize_mode = "stretch"
   config.backbone.name = "resnet18"
   config.backbone.cache_dir = str(base / "weights")
   config.backbone.pretrain_dim = config.backbone.target_dim = 64
