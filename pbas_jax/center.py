@@ -4,7 +4,7 @@ The bank `c` is `(M, D)`: for the reference's `alignment` method one row per pat
 (`M = H * W`), built once before training with the projector at its initial parameters; every
 patch is matched to its nearest row over the whole bank, whatever its position.
 """
-from typing import Callable, Iterable, Optional
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -56,10 +56,17 @@ def distance_scores(u: jax.Array, c: jax.Array, metric: str = "cosine") -> jax.A
   return distance(u, nearest(u, c, metric)[1])
 
 
-@jax.jit
-def _batch_mean(u):
-  """`(B, H, W, D)` -> per-position mean `(H*W, D)`."""
-  return u.reshape(u.shape[0], -1, u.shape[-1]).mean(0)
+def loader_batches(order: jax.Array, batch_size: int) -> tuple[jax.Array, jax.Array]:
+  """The reference's loader (`drop_last=False`) over `order (N,)`: full batches and the rest.
+
+  Returns `full (N // batch_size, batch_size)` index rows, in order, and `rest (N % batch_size,)`,
+  the last partial batch (empty when `batch_size` divides N). Shapes are static, so a scan runs
+  the full batches and the rest is one more call of the same step.
+  """
+  if batch_size < 1:
+    raise ValueError(f"dataset.batch_size={batch_size}: must be >= 1")
+  count = order.shape[0] // batch_size
+  return order[:count * batch_size].reshape(count, batch_size), order[count * batch_size:]
 
 
 def align(c: jax.Array, m: jax.Array, metric: str, ema: float) -> jax.Array:
@@ -87,9 +94,6 @@ def align(c: jax.Array, m: jax.Array, metric: str, ema: float) -> jax.Array:
   return jax.lax.fori_loop(0, m.shape[0], body, c)
 
 
-_align = jax.jit(align, static_argnames=("metric",))
-
-
 def kmeans(x: jax.Array, num_centers: int, metric: str, iters: int, key: jax.Array,
            chunk: int = 4096) -> jax.Array:
   """Lloyd's k-means of `x (N, D)`: `num_centers` rows of `x` drawn from `key`, then `iters` rounds.
@@ -112,25 +116,23 @@ def kmeans(x: jax.Array, num_centers: int, metric: str, iters: int, key: jax.Arr
   return jax.lax.scan(round_, c0, None, length=iters)[0]
 
 
-_kmeans = jax.jit(kmeans, static_argnames=("num_centers", "metric", "iters", "chunk"))
-
-
-def init_center(project_fn: Optional[Callable[[jax.Array], jax.Array]],
-                batches: Iterable[jax.Array],
-                method: str = "alignment",
-                metric: str = "cosine",
-                ema: float = 0.1,
-                key: Optional[jax.Array] = None,
+def init_center(project: Optional[Callable[[jax.Array], jax.Array]], features: jax.Array,
+                order: jax.Array, batch_size: int, method: str = "alignment",
+                metric: str = "cosine", ema: float = 0.1, key: Optional[jax.Array] = None,
                 kmeans_iters: int = 20) -> jax.Array:
-  """Builds the center bank `(H*W, D)` in one pass over the training batches, without gradients.
+  """Builds the center bank `(H*W, D')` in one pass over the training batches, without gradients.
 
-  Every method works in the projected space the loss compares against: `project_fn` (the projector
-  at its initial parameters, as in the reference; None = identity) is applied to each batch first.
+  A pure, traceable function: the engine jits it once with the projector's parameters as an
+  argument (closed over by `project`) and vmaps it over runs. Every method works in the projected
+  space the loss compares against: `project` (the projector at its initial parameters, as in the
+  reference; None = identity) is applied to each batch first.
 
   Args:
-    project_fn: `(..., D) -> (..., D')`, e.g. the frozen initial projector.
-    batches: `(B, H, W, D)` arrays in loader order (the reference's loader shuffles; the first batch
-      seeds `alignment`/`iterative`).
+    project: `(N, D) -> (N, D')`, e.g. the initial projector.
+    features: `(N, H, W, D)` cached training features.
+    order: `(N,)` the loader's order (the reference shuffles; the first batch seeds
+      `alignment`/`iterative`); batches of `batch_size`, the last one partial (`loader_batches`).
+    batch_size: images per batch.
     method: `alignment` (ABL, Algorithm 1), `average` (per-position mean over the whole training
       set, Eq. 5), `iterative` (per-position EMA of batch means, no matching) or `kmeans`
       (`H*W` k-means centers of all training patches).
@@ -147,29 +149,37 @@ def init_center(project_fn: Optional[Callable[[jax.Array], jax.Array]],
   check_metric(metric)
   if method == "kmeans" and key is None:
     raise ValueError("model.center_init='kmeans' needs a PRNG key (init_center(..., key=...))")
-  project = jax.jit(project_fn) if project_fn is not None else (lambda x: x)
-  projected = (project(jnp.asarray(b, jnp.float32)) for b in batches)
+  if features.shape[0] == 0:
+    raise ValueError("init_center: the training set is empty")
+  project = project or (lambda x: x)
+  n, h, w, dim = features.shape
+
+  def projected(idx):  # (B,) -> (B, H*W, D')
+    x = jax.lax.stop_gradient(features[idx].astype(jnp.float32)).reshape(-1, dim)
+    return project(x).reshape(idx.shape[0], h * w, -1)
 
   if method == "kmeans":
-    kept = list(projected)
-    if not kept:
-      raise ValueError("init_center: the training set yielded no batches")
-    _, h, w, dim = kept[0].shape
-    return _kmeans(jnp.concatenate([u.reshape(-1, dim) for u in kept]), num_centers=h * w,
-                   metric=metric, iters=kmeans_iters, key=key)
+    u = projected(order)
+    return kmeans(u.reshape(n * h * w, -1), h * w, metric, kmeans_iters, key)
 
-  c, count = None, 0
-  for u in projected:
-    m = _batch_mean(u)
-    if method == "average":  # accumulate per-position sums, divide once at the end
-      c = m * u.shape[0] if c is None else c + m * u.shape[0]
-      count += u.shape[0]
-    elif c is None:
-      c = m
-    elif method == "alignment":
-      c = _align(c, m, metric=metric, ema=ema)
-    else:  # iterative
-      c = (1 - ema) * c + ema * m
-  if c is None:
-    raise ValueError("init_center: the training set yielded no batches")
-  return c / count if method == "average" else c
+  full, rest = loader_batches(order, batch_size)
+  if full.shape[0]:
+    first, scanned, tail = full[0], full[1:], rest
+  else:  # a single, partial batch
+    first, scanned, tail = rest, full, rest[:0]
+
+  def update(c, idx):
+    u = projected(idx)
+    m = u.mean(0)
+    if method == "average":  # per-position sums, divided once at the end
+      return c + u.sum(0)
+    if method == "alignment":
+      return align(c, m, metric, ema)
+    return (1 - ema) * c + ema * m  # iterative
+
+  u0 = projected(first)
+  c = u0.sum(0) if method == "average" else u0.mean(0)
+  c = jax.lax.scan(lambda c, idx: (update(c, idx), None), c, scanned)[0]
+  if tail.shape[0]:
+    c = update(c, tail)
+  return c / n if method == "average" else c

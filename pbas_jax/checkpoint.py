@@ -18,7 +18,7 @@ import orbax.checkpoint as ocp
 # Settings that may change between a run and its resumption without invalidating its checkpoints:
 # where things live, how long to train and how to evaluate.
 _RESUMABLE_KEYS = ("dataset.root", "dataset.data_dir", "dataset.classes", "backbone.cache_dir",
-                   "train.epochs", "train.checkpoint_every", "train.cache_device", "eval")
+                   "train.epochs", "train.checkpoint_every", "train.feature_cache", "eval")
 
 
 def config_hash(config: ml_collections.ConfigDict) -> str:

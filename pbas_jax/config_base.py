@@ -64,11 +64,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.epochs = 640
   c.train.seed = 0
   c.train.cache_dtype = "float32"   # float32 | bfloat16 storage of cached features
-  c.train.cache_device = "auto"     # auto | device | host
   c.train.feature_cache = "auto"    # auto: keep extracted features on disk (<cache dir>/features)
                                     # and reuse them in later runs | off (pbas_jax option)
   c.train.checkpoint_every = 20
-  c.train.num_runs = 1              # >1: vmapped independent runs (seeds from train.seed upward)
+  c.train.compute_dtype = "float32" # float32 (reference) | bfloat16: operands of the heads'
+                                    # matmuls (ours; parameters and sums stay float32)
+  c.train.param_ema = 0.0           # ours, off: > 0 = per-step decay of averaged projector and
+                                    # discriminator parameters, used for evaluation
+  c.train.num_runs = 1              # runs trained together (vmapped): seeds from train.seed up
   c.train.k_values = ()             # model.k of runs trained together (vmapped), each with every
                                     # seed; () = (model.k,)
 

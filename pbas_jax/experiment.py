@@ -8,7 +8,8 @@ continues from the latest checkpoint and skips finished classes.
 
 Everything runs data parallel over all devices (`sharding`: batches split, state replicated; one
 device is the plain case). Several runs of a class (`train.num_runs` seeds, `train.k_values`) train
-together, vmapped (`multirun`), each reported as if run alone, in `<class>/<run name>/`.
+together (`engine`: a leading run axis), each reported as if run alone, in
+`<class>/<run name>/`.
 """
 import dataclasses
 import functools
@@ -24,9 +25,9 @@ import numpy as np
 import tqdm
 
 from pbas_jax import backbones
-from pbas_jax import center as center_lib
 from pbas_jax import checkpoint
 from pbas_jax import data
+from pbas_jax import engine
 from pbas_jax.data import demo as demo_data
 from pbas_jax import feature_cache
 from pbas_jax import features as features_lib
@@ -34,7 +35,6 @@ from pbas_jax import fileio
 from pbas_jax import heatmaps as heatmaps_lib
 from pbas_jax import inference
 from pbas_jax import metrics as metrics_lib
-from pbas_jax import multirun
 from pbas_jax import report
 from pbas_jax import sharding
 from pbas_jax import train
@@ -54,7 +54,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
       "model.scoring": ("discriminator", "center_distance"),
       "train.cache_dtype": ("float32", "bfloat16"),
       "train.feature_cache": feature_cache.MODES,
-      "train.cache_device": ("auto", "device", "host"),
+      "train.compute_dtype": tuple(train.COMPUTE_DTYPES),
       "eval.selection": ("last", "test_oracle"),
       "eval.pro_variant": ("standard", "reference"),
   }
@@ -69,7 +69,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     section, name = key.split(".")
     if config[section][name] <= 0:
       raise ValueError(f"--config.{key} must be positive, got {config[section][name]}")
-  multirun.runs_of(config)  # names a repeated train.k_values entry
+  engine.runs_of(config)  # names a repeated train.k_values entry
   if not config.model.rbo and config.model.scoring == "discriminator":
     raise ValueError("--config.model.rbo=False (ABL alone) trains no discriminator: set "
                      "--config.model.scoring=center_distance")
@@ -105,7 +105,7 @@ def data_dir(config: ml_collections.ConfigDict) -> str:
 
 @functools.lru_cache(maxsize=8)
 def _predictor(scoring: str, metric: str, size: int, sigma: float,
-               mesh: jax.sharding.Mesh | None):
+               mesh: jax.sharding.Mesh):
   """Jitted `(state, features (B, H, W, D)) -> (scores (B,), maps (B, S, S))`, per image.
 
   With `mesh` the images are split over its devices (`sharding.jit_per_example`).
@@ -114,11 +114,11 @@ def _predictor(scoring: str, metric: str, size: int, sigma: float,
     patch = train.score_patches(state, features, scoring, metric)
     return inference.scores_and_maps(patch, size, sigma)
 
-  return jax.jit(predict) if mesh is None else sharding.jit_per_example(predict, mesh)
+  return sharding.jit_per_example(predict, mesh)
 
 
 def predict_split(state: train.TrainState, test: feature_cache.Split,
-                  config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None
+                  config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
                   ) -> tuple[np.ndarray, np.ndarray]:
   """Image scores (N,) and pixel maps (N, S, S) of the cached test features."""
   predict = _predictor(config.model.scoring, config.model.center_metric,
@@ -133,7 +133,7 @@ def predict_split(state: train.TrainState, test: feature_cache.Split,
 
 
 def evaluate(state: train.TrainState, test: feature_cache.Split,
-             config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None) -> dict:
+             config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> dict:
   """The five metrics (fractions, None where undefined) of `state` on the test split."""
   scores, maps = predict_split(state, test, config, mesh)
   return metrics_lib.compute_all(scores, test.labels, maps, test.masks, config.eval.pro_variant)
@@ -143,13 +143,6 @@ def heatmap_indices(n: int, limit: int) -> np.ndarray:
   """Indices of the test images drawn as heatmaps: spread over the set (good and defective)."""
   count = n if limit < 0 else min(limit, n)
   return np.unique(np.linspace(0, n - 1, count).round().astype(int)) if count else np.zeros(0, int)
-
-
-def center_batches(features, key: jax.Array, batch_size: int):
-  """The cached training features in one shuffled pass, as the reference's loader feeds ABL."""
-  order = np.asarray(jax.random.permutation(key, features.shape[0]))
-  for start in range(0, len(order), batch_size):
-    yield features[order[start:start + batch_size]]
 
 
 def _finite(metrics: dict) -> bool:
@@ -181,162 +174,104 @@ def _test_score(result: dict) -> float:
   return (result["i_auroc"] or 0.0) + (result["p_auroc"] or 0.0)
 
 
-def state_template(config: ml_collections.ConfigDict, features_shape) -> train.TrainState:
-  """A train state of the right structure and shapes to restore a checkpoint into.
-
-  features_shape: (..., H, W, D) of the cached patch features.
-  """
-  *_, h, w, dim = features_shape
-  state = train.create_train_state(config, jax.random.key(0), dim)
-  return state.replace(center=jnp.zeros((h * w, dim), jnp.float32))
-
-
-def run_keys(seed: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """The keys of the run with `seed`: heads' initial parameters, center order, training orders."""
-  k_init, k_center, k_train = jax.random.split(jax.random.key(seed), 3)
-  return k_init, k_center, k_train
-
-
-def init_state(config: ml_collections.ConfigDict, features, seed: int) -> train.TrainState:
-  """A run's starting state: heads drawn from `seed`, ABL center over the features in its order."""
-  k_init, k_center, _ = run_keys(seed)
-  state = train.create_train_state(config, k_init, features.shape[-1])
-  center = center_lib.init_center(
-      state.project, center_batches(features, k_center, config.dataset.batch_size),
-      config.model.center_init, config.model.center_metric, config.model.center_ema, key=k_center,
-      kmeans_iters=config.model.kmeans_iters)
-  return state.replace(center=center)
-
-
-def run_dirs(class_dir: str, runs: list[multirun.Run]) -> list[str]:
+def run_dirs(class_dir: str, runs: list[engine.Run]) -> list[str]:
   """Each run's folder (model, heatmaps, best checkpoint): `class_dir` itself for a single run,
   `<class_dir>/<run.name>` for runs trained together."""
   return [class_dir] if len(runs) == 1 else [os.path.join(class_dir, run.name) for run in runs]
 
 
-def _epoch_fn(config: ml_collections.ConfigDict, runs: list[multirun.Run], features,
-              mesh: jax.sharding.Mesh | None):
-  """`(state, epoch) -> (state, [metrics of each run])`: one epoch of the runs.
-
-  A single run takes the plain step; several a stacked state and the vmapped step. Run r's epoch
-  key comes from its seed either way, so a run trains the same alone or with others.
-  """
-  bs = config.dataset.batch_size
-  train_keys = jnp.stack([run_keys(run.seed)[2] for run in runs])
-  if len(runs) == 1:
-    step_fn = train.make_jit_train_step(config, mesh)
-
-    def epoch_fn(state, epoch):
-      state, metrics = train.train_epoch(
-          step_fn, state, features, jax.random.fold_in(train_keys[0], epoch), bs)
-      return state, [metrics]
-  else:
-    step_fn = multirun.make_multirun_step(config, mesh)
-    hparams = multirun.hparams_of(runs)
-
-    def epoch_fn(state, epoch):
-      keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(train_keys, epoch)
-      return multirun.train_epoch(step_fn, state, features, keys, bs, hparams)
-
-  return epoch_fn
+def _next_stop(epoch: int, epochs: int, *every: int) -> int:
+  """The first epoch after `epoch` that is a multiple of one of `every` (0 = never), or `epochs`."""
+  stops = [epoch + e - epoch % e for e in every if e > 0]
+  return min([epochs, *stops])
 
 
 def train_runs(config: ml_collections.ConfigDict, class_dir: str,
                train_split: feature_cache.Split, test: feature_cache.Split,
-               runs: list[multirun.Run], mesh: jax.sharding.Mesh | None = None
+               runs: list[engine.Run], mesh: jax.sharding.Mesh
                ) -> list[tuple[train.TrainState, int]]:
   """ABL centers, then the epochs of `runs` of one class, resumable from `class_dir/checkpoints`.
 
-  A single run trains with the plain step; several train together (`multirun`: the state has a
-  leading run axis), each as if alone. `metrics.jsonl` gets one line per epoch and run (with
-  `run`, `seed`, `alpha` for several).
+  The runs train together (`engine`: a leading run axis, R = 1 for a single run), each as if
+  alone; one engine call covers the epochs up to the next evaluation or checkpoint.
+  `metrics.jsonl` gets one line per epoch and run (with `run`, `seed`, `alpha`).
 
   Returns:
     Per run, the state to report and its epoch: the last one, or the test-selected one under
     `eval.selection='test_oracle'` (test curves are recorded every `eval.every_epochs`).
   """
-  features, epochs, multi = train_split.features, config.train.epochs, len(runs) > 1
-  if mesh is not None and isinstance(features, jax.Array):
-    features = sharding.put(features, sharding.replicated(mesh))  # one copy per device, once
-  views = multirun.unstack if multi else lambda state: [state]
+  epochs, multi = config.train.epochs, len(runs) > 1
+  features = sharding.put(train_split.features, sharding.replicated(mesh))  # once per device
   oracle = config.eval.selection == "test_oracle"
+  every = config.eval.every_epochs or (1 if oracle else 0)
   chash = checkpoint.config_hash(config)
   ckpts = checkpoint.Checkpointer(os.path.join(class_dir, "checkpoints"))
   best_ckpts = [checkpoint.Checkpointer(os.path.join(d, "best"), max_to_keep=1)
                 for d in run_dirs(class_dir, runs)] if oracle else []
   start, best = ckpts.latest_epoch() or 0, [None] * len(runs)
   if start:
-    template = state_template(config, features.shape)
-    state, meta = ckpts.restore(multirun.stack([template] * len(runs)) if multi else template)
+    states, meta = ckpts.restore(engine.state_template(config, runs, features.shape))
     checkpoint.check_compatible(meta, chash, ckpts.directory)
     best = meta["best"]
     logging.info("%s: resumed from epoch %d", class_dir, start)
   else:
-    states = [init_state(config, features, run.seed) for run in runs]
-    state = multirun.stack(states) if multi else states[0]
+    states = engine.init_states(config, runs, features, mesh)
 
-  epoch_fn = _epoch_fn(config, runs, features, mesh)
+  trainer = engine.Trainer(config, runs, mesh)
   log = _MetricsLog(os.path.join(class_dir, "metrics.jsonl"), start)
   bar = tqdm.trange(start, epochs, initial=start, total=epochs, unit="epoch",
                     desc=os.path.basename(class_dir))
+  epoch = start
   try:
-    for epoch in bar:
-      done = epoch + 1
-      state, run_metrics = epoch_fn(state, epoch)
-      for run, m in zip(runs, run_metrics):
-        if not _finite(m):
-          raise NonFiniteLossError(
-              f"{os.path.basename(class_dir)}{f' {run.name}' if multi else ''}: non-finite "
-              f"training metrics at epoch {done} ({m}); stopped. The last good checkpoint (epoch "
-              f"{ckpts.latest_epoch()}) is kept in {ckpts.directory}; try a lower optim.lr / "
-              "optim.dsc_lr.")
-      every = config.eval.every_epochs or (1 if oracle else 0)
-      run_states = views(state) if every and done % every == 0 else None
-      for r, (run, m) in enumerate(zip(runs, run_metrics)):
-        record = {"epoch": done, **({"run": r, "seed": run.seed, "alpha": run.k} if multi else {}),
-                  **m}
-        if run_states is not None:
-          result = evaluate(run_states[r], test, config, mesh)
-          record.update({f"test_{k}": result[k] for k in report.METRIC_KEYS})
-          if oracle and (best[r] is None or _test_score(result) > best[r]["score"]):
-            best[r] = {"epoch": done, "score": _test_score(result)}
-            best_ckpts[r].save(done, run_states[r], {"config_hash": chash, "epoch": done})
-        log.write(record)
-      m = run_metrics[0]
-      bar.set_postfix(loss=f"{m['loss']:.3g}", p_true=f"{m['p_true']:.2f}",
-                      p_fake=f"{m['p_fake']:.2f}", refresh=False)
-      if done % config.train.checkpoint_every == 0 or done == epochs:
-        ckpts.save(done, state, {"config_hash": chash, "epoch": done, "best": best,
-                                 "runs": [dataclasses.asdict(run) for run in runs]})
+    while epoch < epochs:
+      stop = _next_stop(epoch, epochs, every, config.train.checkpoint_every)
+      states, per_epoch = trainer.train(states, features, epoch, stop - epoch)
+      run_states = engine.unstack(states) if every and stop % every == 0 else None
+      for done, run_metrics in enumerate(per_epoch, start=epoch + 1):
+        for r, (run, m) in enumerate(zip(runs, run_metrics)):
+          if not _finite(m):
+            raise NonFiniteLossError(
+                f"{os.path.basename(class_dir)}{f' {run.name}' if multi else ''}: non-finite "
+                f"training metrics at epoch {done} ({m}); stopped. The last good checkpoint "
+                f"(epoch {ckpts.latest_epoch()}) is kept in {ckpts.directory}; try a lower "
+                "optim.lr / optim.dsc_lr.")
+          record = {"epoch": done, "run": r, "seed": run.seed, "alpha": run.k, **m}
+          if done == stop and run_states is not None:
+            result = evaluate(run_states[r], test, config, mesh)
+            record.update({f"test_{k}": result[k] for k in report.METRIC_KEYS})
+            if oracle and (best[r] is None or _test_score(result) > best[r]["score"]):
+              best[r] = {"epoch": done, "score": _test_score(result)}
+              best_ckpts[r].save(done, run_states[r], {"config_hash": chash, "epoch": done})
+          log.write(record)
+      m = per_epoch[-1][0]
+      bar.set_postfix({name: f"{m[name]:.3g}" for name in ("loss", "p_true", "p_fake")
+                       if name in m}, refresh=False)
+      bar.update(stop - epoch)
+      epoch = stop
+      if epoch % config.train.checkpoint_every == 0 or epoch == epochs:
+        ckpts.save(epoch, states, {"config_hash": chash, "epoch": epoch, "best": best,
+                                   "runs": [dataclasses.asdict(run) for run in runs]})
   finally:
     log.close()
     bar.close()
+  final = engine.unstack(states)
   if oracle:
     return [(ckpt.restore(s, b["epoch"])[0], b["epoch"])
-            for ckpt, s, b in zip(best_ckpts, views(state), best)]
-  return [(s, epochs) for s in views(state)]
-
-
-def train_class(config: ml_collections.ConfigDict, class_dir: str,
-                train_split: feature_cache.Split, test: feature_cache.Split,
-                mesh: jax.sharding.Mesh | None = None
-                ) -> tuple[train.TrainState, int]:
-  """`train_runs` for the single run of `train.seed` and `model.k`: its state and epoch."""
-  return train_runs(config, class_dir, train_split, test,
-                    [multirun.Run(config.train.seed, config.model.k)], mesh)[0]
+            for ckpt, s, b in zip(best_ckpts, final, best)]
+  return [(s, epochs) for s in final]
 
 
 def run_class(config: ml_collections.ConfigDict, workdir: str, class_name: str, extractor,
-              notes: list[str], mesh: jax.sharding.Mesh | None = None) -> list[dict]:
+              notes: list[str], mesh: jax.sharding.Mesh) -> list[dict]:
   """Prepare, extract, train (or load), evaluate and report one class; returns its results rows.
 
-  One row per run of `multirun.runs_of(config)`; rows of runs trained together carry `run` and
+  One row per run of `engine.runs_of(config)`; rows of runs trained together carry `run` and
   `alpha` as well.
   """
   name = config.dataset.name
   class_dir = os.path.join(workdir, f"{name}_{class_name}")
   results_path = os.path.join(class_dir, "results.json")
-  runs = multirun.runs_of(config)
+  runs = engine.runs_of(config)
   dirs = run_dirs(class_dir, runs)
   models = [checkpoint.Checkpointer(os.path.join(d, "model"), max_to_keep=1) for d in dirs]
   chash = checkpoint.config_hash(config)
@@ -371,7 +306,7 @@ def run_class(config: ml_collections.ConfigDict, workdir: str, class_name: str, 
     if missing:
       raise FileNotFoundError(f"eval.only: no trained model in {missing[0]}; train first "
                               "(the same command without --config.eval.only)")
-    template = state_template(config, test.features.shape)
+    template = engine.unstack(engine.state_template(config, runs[:1], test.features.shape))[0]
     trained = [(model.restore(template)[0], meta["epoch"]) for model, meta in zip(models, metas)]
   else:
     train_src = data.load_split(builder, root, class_name, "train", **split_args)
@@ -403,7 +338,7 @@ def run_class(config: ml_collections.ConfigDict, workdir: str, class_name: str, 
     rows.append({"dataset": name, "class": class_name, "seed": run.seed, **result,
                  "epoch": epoch, "selection": config.eval.selection, "wall_time_s": None,
                  "images_per_s": len(test.labels) / (t_test + t_pred),
-                 **({"run": r, "alpha": run.k} if len(runs) > 1 else {})})
+                 "run": r, "alpha": run.k})
   wall_time = (time.time() - t0) / len(runs)
   for row in rows:
     row["wall_time_s"] = wall_time
@@ -412,7 +347,7 @@ def run_class(config: ml_collections.ConfigDict, workdir: str, class_name: str, 
   return rows
 
 
-def make_extractor(config: ml_collections.ConfigDict, mesh=None):
+def make_extractor(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
   """The configured frozen backbone + patch features: images (B, S, S, 3) -> (B, H, W, D)."""
   b = config.backbone
   variables = backbones.load_variables(b.name, b.weights, seed=b.seed,

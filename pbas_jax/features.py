@@ -172,9 +172,8 @@ def _compiler_options() -> dict[str, str]:
   return options
 
 
-def make_extractor(name: str, variables, layers: Sequence[str], patch_size: int = 3,
-                   pretrain_dim: int = 1536, target_dim: int = 1536,
-                   mesh: jax.sharding.Mesh | None = None
+def make_extractor(name: str, variables, layers: Sequence[str], patch_size: int,
+                   pretrain_dim: int, target_dim: int, mesh: jax.sharding.Mesh
                    ) -> Callable[[jnp.ndarray], jnp.ndarray]:
   """Jitted backbone + patch features: images (B, S, S, 3) -> (B, H, W, D) float32.
 
@@ -184,9 +183,8 @@ def make_extractor(name: str, variables, layers: Sequence[str], patch_size: int 
       to the deepest of `layers` are kept (and put on the default device once).
     layers: backbone levels, the first one setting the output grid (e.g. ("layer2", "layer3")).
     patch_size, pretrain_dim, target_dim: as `patch_features`.
-    mesh: if given, the variables are replicated on its devices and the images split over them
-      (`sharding.jit_per_example`: any batch size, padded to a multiple of the device count);
-      else everything runs on the default device.
+    mesh: the variables are replicated on its devices and the images split over them
+      (`sharding.jit_per_example`: any batch size, padded to a multiple of the device count).
   """
   module = backbones.create(name, layers)
   shapes = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3), jnp.float32))
@@ -196,9 +194,6 @@ def make_extractor(name: str, variables, layers: Sequence[str], patch_size: int 
   def extract(variables, images):
     return patch_features(module.apply(variables, images), patch_size, pretrain_dim, target_dim)
 
-  if mesh is None:
-    return functools.partial(jax.jit(extract, compiler_options=_compiler_options()),
-                             jax.device_put(kept))
   return functools.partial(
       sharding.jit_per_example(extract, mesh, compiler_options=_compiler_options()),
       sharding.put(kept, sharding.replicated(mesh)))

@@ -4,7 +4,8 @@ Both start from the reference's initial distributions (torch `xavier_normal_` we
 biases) so that a run is statistically the same as the authors', and so that torch parity tests can
 load the same numbers. Inputs are flat patch features `(N, D)`.
 """
-from typing import Optional
+import functools
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
@@ -19,6 +20,17 @@ BN_EPS = 1e-5
 LEAKY_SLOPE = 0.2
 
 
+def matmul(a: jax.Array, b: jax.Array, dtype: Any = jnp.float32) -> jax.Array:
+  """`a @ b` with operands in `dtype` and float32 accumulation and result.
+
+  `train.compute_dtype`: float32 (the reference) is the plain product; bfloat16 rounds the operands
+  only, so parameters, sums and everything downstream stay float32.
+  """
+  if jnp.dtype(dtype) == jnp.float32:
+    return a @ b
+  return jnp.matmul(a.astype(dtype), b.astype(dtype), preferred_element_type=jnp.float32)
+
+
 def torch_bias_init(fan_in: int):
   """torch.nn.Linear's default bias: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
   bound = 1.0 / float(fan_in) ** 0.5
@@ -29,8 +41,8 @@ def torch_bias_init(fan_in: int):
   return init
 
 
-@jax.custom_vjp
-def ray_pair_dense(t, center, idx, scale, kernel, bias):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def ray_pair_dense(t, center, idx, scale, kernel, bias, dtype=jnp.float32):
   """One Linear layer applied to the AFS pair `[t; f]`, `f = t + scale * (t - center[idx])`.
 
   The offset of `f` is a constant (Eq. 7 stops its gradient). Because `f` is affine in `t` and in
@@ -46,23 +58,24 @@ def ray_pair_dense(t, center, idx, scale, kernel, bias):
     scale: `(N,)` length of the offset over the length of `t - center[idx]` (`k r / d`).
     kernel: `(D, F)`.
     bias: `(F,)`.
+    dtype: operand dtype of the matmuls (`matmul`).
 
   Returns:
     `(2N, F)`: the layer's outputs for `t` then for `f`.
   """
-  return _ray_pair_dense_fwd(t, center, idx, scale, kernel, bias)[0]
+  return _ray_pair_dense_fwd(t, center, idx, scale, kernel, bias, dtype)[0]
 
 
-def _ray_pair_dense_fwd(t, center, idx, scale, kernel, bias):
-  h_t = t @ kernel
-  h_c = center @ kernel
+def _ray_pair_dense_fwd(t, center, idx, scale, kernel, bias, dtype=jnp.float32):
+  h_t = matmul(t, kernel, dtype)
+  h_c = matmul(center, kernel, dtype)
   s = scale[:, None]
   h_f = h_t + s * (h_t - h_c[idx])
   out = jnp.concatenate([h_t, h_f]) + bias
   return out, (t, center, idx, scale, kernel)
 
 
-def _ray_pair_dense_bwd(res, g):
+def _ray_pair_dense_bwd(dtype, res, g):
   t, center, idx, scale, kernel = res
   n = t.shape[0]
   g_t, g_f = g[:n], g[n:]
@@ -70,8 +83,8 @@ def _ray_pair_dense_bwd(res, g):
   # dW = t^T g_t + f^T g_f with f = (1 + s) t - s c[idx].
   sg_f = s * g_f
   g_c = jax.ops.segment_sum(sg_f, idx, num_segments=center.shape[0])
-  d_kernel = t.T @ (g_t + g_f + sg_f) - center.T @ g_c
-  d_t = (g_t + g_f) @ kernel.T
+  d_kernel = matmul(t.T, g_t + g_f + sg_f, dtype) - matmul(center.T, g_c, dtype)
+  d_t = matmul(g_t + g_f, kernel.T, dtype)
   d_bias = g.sum(0)
   return d_t, jnp.zeros_like(center), None, jnp.zeros_like(scale), d_kernel, d_bias
 
@@ -85,9 +98,11 @@ class Linear(nn.Module):
   Attributes:
     features: output width.
     use_bias: whether to add a bias (the discriminator's tail has none).
+    dtype: operand dtype of the matmul (`matmul`); parameters are always float32.
   """
   features: int
   use_bias: bool = True
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, ray=None):
@@ -97,8 +112,8 @@ class Linear(nn.Module):
     bias = (self.param("bias", torch_bias_init(fan_in), (self.features,)) if self.use_bias
             else jnp.zeros((self.features,), x.dtype))
     if ray is not None:
-      return ray_pair_dense(x, *ray, kernel, bias)
-    return x @ kernel + bias
+      return ray_pair_dense(x, *ray, kernel, bias, self.dtype)
+    return matmul(x, kernel, self.dtype) + bias
 
 
 class BatchNorm(nn.Module):
@@ -137,16 +152,18 @@ class Projector(nn.Module):
   Attributes:
     num_layers: number of Linear layers (the published runs use 1).
     features: output width; None keeps the input width.
+    dtype: operand dtype of the matmuls (`train.compute_dtype`).
   """
   num_layers: int = 1
   features: Optional[int] = None
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x):
     """`x (N, D)` -> `(N, features or D)`."""
     width = self.features or x.shape[-1]
     for i in range(self.num_layers):
-      x = Linear(width, name=f"layer{i}")(x)
+      x = Linear(width, dtype=self.dtype, name=f"layer{i}")(x)
     return x
 
 
@@ -158,9 +175,11 @@ class Discriminator(nn.Module):
   Attributes:
     hidden: width of every hidden block.
     num_layers: hidden blocks + 1 (the published runs use 2).
+    dtype: operand dtype of the matmuls (`train.compute_dtype`).
   """
   hidden: int = 1024
   num_layers: int = 2
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, train: bool, ray=None):
@@ -173,7 +192,8 @@ class Discriminator(nn.Module):
       raise ValueError(f"model.disc_layers={self.num_layers}: the discriminator needs at least one "
                        "hidden block; set model.disc_layers >= 2")
     for i in range(self.num_layers - 1):
-      x = Linear(self.hidden, name=f"block{i}_linear")(x, ray=ray if i == 0 else None)
+      x = Linear(self.hidden, dtype=self.dtype, name=f"block{i}_linear")(
+          x, ray=ray if i == 0 else None)
       x = BatchNorm(name=f"block{i}_bn")(x, train)
       x = nn.leaky_relu(x, LEAKY_SLOPE)
-    return Linear(1, use_bias=False, name="tail")(x)[:, 0]
+    return Linear(1, use_bias=False, dtype=self.dtype, name="tail")(x)[:, 0]

@@ -62,13 +62,20 @@ def test_align_row_matched_twice_is_updated_twice():
   np.testing.assert_array_equal(out[2], c[2])
 
 
+def _init(project, batches, *args, **kwargs):
+  """`init_center` over `batches` (full ones then a partial one) as one array in loader order."""
+  features = jnp.asarray(np.concatenate(batches)) if batches else jnp.zeros((0, 2, 2, 3))
+  size = len(batches[0]) if batches else 1
+  return center.init_center(project, features, jnp.arange(len(features)), size, *args, **kwargs)
+
+
 def test_init_center_alignment_equals_reference_loop():
   rng = np.random.default_rng(1)
   batches = [rng.normal(size=(b, 3, 3, 4)).astype(np.float32) + rng.normal(size=(3, 3, 4))
              for b in (4, 4, 3)]
   w = rng.normal(size=(4, 4)).astype(np.float32)
   project = lambda x: x @ w
-  out = center.init_center(project, batches, "alignment", "cosine", 0.1)
+  out = _init(project, batches, "alignment", "cosine", 0.1)
   expected = None
   for b in batches:
     m = (b @ w).reshape(b.shape[0], -1, 4).mean(0).astype(np.float64)
@@ -81,13 +88,13 @@ def test_init_center_average_and_iterative():
   rng = np.random.default_rng(2)
   batches = [rng.normal(size=(b, 2, 2, 3)).astype(np.float32) for b in (3, 3, 1)]
   every = np.concatenate(batches).astype(np.float64)
-  out = center.init_center(None, batches, "average")
+  out = _init(None, batches, "average")
   np.testing.assert_allclose(out, every.reshape(7, 4, 3).mean(0), rtol=1e-5, atol=1e-6)
   ema = 0.1
   expected = batches[0].reshape(3, 4, 3).mean(0)
   for b in batches[1:]:
     expected = (1 - ema) * expected + ema * b.reshape(len(b), 4, 3).mean(0)
-  np.testing.assert_allclose(center.init_center(None, batches, "iterative", ema=ema), expected,
+  np.testing.assert_allclose(_init(None, batches, "iterative", ema=ema), expected,
                              rtol=1e-5, atol=1e-6)
 
 
@@ -97,24 +104,42 @@ def test_init_center_kmeans_finds_separated_clusters():
   patches = means[rng.integers(0, 4, size=(16, 2, 2))] + rng.normal(size=(16, 2, 2, 3)) * 0.1
   batches = [patches[i:i + 4].astype(np.float32) for i in range(0, 16, 4)]
   key = jax.random.key(0)
-  out = np.asarray(center.init_center(None, batches, "kmeans", "euclidean", key=key,
-                                      kmeans_iters=10))
+  out = np.asarray(_init(None, batches, "kmeans", "euclidean", key=key, kmeans_iters=10))
   assert out.shape == (4, 3)
   # Each true mean has exactly one center within the noise level.
   dists = np.linalg.norm(out[:, None] - means[None], axis=-1)
   np.testing.assert_array_equal(np.sort(dists.argmin(0)), np.arange(4))
   assert dists.min(0).max() < 0.2
-  again = center.init_center(None, batches, "kmeans", "euclidean", key=key, kmeans_iters=10)
+  again = _init(None, batches, "kmeans", "euclidean", key=key, kmeans_iters=10)
   np.testing.assert_array_equal(out, again)
 
 
 def test_init_center_errors_name_the_setting():
   batches = [np.zeros((1, 2, 2, 3), np.float32)]
   with pytest.raises(ValueError, match="model.center_init"):
-    center.init_center(None, batches, "median")
+    _init(None, batches, "median")
   with pytest.raises(ValueError, match="model.center_metric"):
-    center.init_center(None, batches, "alignment", "manhattan")
+    _init(None, batches, "alignment", "manhattan")
   with pytest.raises(ValueError, match="PRNG key"):
-    center.init_center(None, batches, "kmeans")
-  with pytest.raises(ValueError, match="no batches"):
-    center.init_center(None, [], "alignment")
+    _init(None, batches, "kmeans")
+  with pytest.raises(ValueError, match="training set is empty"):
+    _init(None, [], "alignment")
+
+
+def test_init_center_compiles_once_for_any_projector_parameters():
+  """The projector's parameters are an argument of the compiled function, not constants."""
+  rng = np.random.default_rng(4)
+  features = jnp.asarray(rng.normal(size=(6, 2, 2, 3)).astype(np.float32))
+  traces = []
+
+  def build(w):
+    traces.append(1)
+    return center.init_center(lambda x: x @ w, features, jnp.arange(6), 4)
+
+  build = jax.jit(build)
+  for seed in range(3):
+    w = jnp.asarray(np.random.default_rng(seed).normal(size=(3, 3)).astype(np.float32))
+    out = build(w)
+    np.testing.assert_allclose(out, _init(lambda x: x @ w, [features[:4], features[4:]]),
+                               rtol=1e-6)
+  assert len(traces) == 1

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 
 from pbas_jax import backbones
-from pbas_jax import center as center_lib
 from pbas_jax import config_base
+from pbas_jax import engine
 from pbas_jax import experiment
+from pbas_jax import feature_cache
 from pbas_jax import features as features_lib
 from pbas_jax import sharding
 from pbas_jax import train
@@ -65,9 +66,12 @@ def assert_states_close(a: train.TrainState, b: train.TrainState, rtol=1e-5, ato
   assert int(a.step) == int(b.step)
 
 
-def initial_state(config, features, seed=0):
-  state = train.create_train_state(config, jax.random.key(seed), features.shape[-1])
-  return state.replace(center=center_lib.init_center(state.project, [features[:4], features[4:]]))
+def initial_state(config, features, mesh=None, seed=0):
+  """Run `seed`'s starting state (unstacked) built on `mesh` (default: one device)."""
+  mesh = mesh or sharding.make_mesh(jax.devices()[:1])
+  states = engine.init_states(config, [engine.Run(seed, config.model.k)], jnp.asarray(features),
+                              mesh)
+  return engine.unstack(states)[0]
 
 
 def test_layouts(mesh):
@@ -88,19 +92,22 @@ def test_layouts(mesh):
 ])
 def test_sharded_train_epochs_equal_one_device(mesh, batch_size):
   config = small_config()
+  config.dataset.batch_size = batch_size
   features = clustered(0, n=10)
-  single, sharded = initial_state(config, features), initial_state(config, features)
-  single_step = train.make_jit_train_step(config)
-  sharded_step = train.make_jit_train_step(config, mesh)
-  for epoch in range(2):
-    key = jax.random.key(epoch)
-    single, m_single = train.train_epoch(single_step, single, features, key, batch_size)
-    sharded, m_sharded = train.train_epoch(sharded_step, sharded, jnp.asarray(features), key,
-                                           batch_size)
-    for name in m_single:
-      np.testing.assert_allclose(m_sharded[name], m_single[name], rtol=1e-5, atol=1e-6)
+  runs = [engine.Run(0, 0.25), engine.Run(1, 0.5)]
+  one = sharding.make_mesh(jax.devices()[:1])
+  trained = {}
+  for name, m in (("single", one), ("sharded", mesh)):
+    states = engine.init_states(config, runs, jnp.asarray(features), m)
+    trained[name] = engine.Trainer(config, runs, m).train(states, features, 0, 2)
+  (single, m_single), (sharded, m_sharded) = trained["single"], trained["sharded"]
+  for epoch_single, epoch_sharded in zip(m_single, m_sharded, strict=True):
+    for run_single, run_sharded in zip(epoch_single, epoch_sharded, strict=True):
+      for name in run_single:
+        np.testing.assert_allclose(run_sharded[name], run_single[name], rtol=1e-5, atol=1e-6)
   assert sharded.params["projector"]["layer0"]["kernel"].sharding == sharding.replicated(mesh)
-  assert_states_close(sharded, single)
+  for a, b in zip(engine.unstack(sharded), engine.unstack(single), strict=True):
+    assert_states_close(a, b)
 
 
 def test_sharded_inference_equals_one_device(mesh):
@@ -110,10 +117,11 @@ def test_sharded_inference_equals_one_device(mesh):
   features = clustered(1, n=10)
   state = initial_state(config, features)
   state, _ = jax.jit(train.make_train_step(config))(state, features[:8], jax.random.key(0))
-  test = experiment.Split(features=jnp.asarray(features), labels=np.zeros(10, int), masks=None,
+  test = feature_cache.Split(features=jnp.asarray(features), labels=np.zeros(10, int), masks=None,
                           names=[str(i) for i in range(10)], defect_types=["good"] * 10,
                           images=np.zeros((0, 32, 32, 3), np.float32))
-  scores, maps = experiment.predict_split(state, test, config)
+  scores, maps = experiment.predict_split(state, test, config,
+                                         sharding.make_mesh(jax.devices()[:1]))
   scores_8, maps_8 = experiment.predict_split(state, test, config, mesh)
   assert scores_8.shape == (10,) and maps_8.shape == (10, 32, 32)
   np.testing.assert_allclose(scores_8, scores, rtol=1e-5, atol=1e-6)
@@ -139,7 +147,7 @@ def test_sharded_feature_extraction_equals_one_device(mesh):
   variables = backbones.load_variables("resnet18", "random", seed=0)
   args = ("resnet18", variables, ("layer2", "layer3"), 3, 64, 64)
   images = np.random.default_rng(2).normal(size=(10, 32, 32, 3)).astype(np.float32)
-  single = features_lib.make_extractor(*args)(images)
+  single = features_lib.make_extractor(*args, mesh=sharding.make_mesh(jax.devices()[:1]))(images)
   sharded = features_lib.make_extractor(*args, mesh=mesh)(images)  # 10 rows padded to 16
   assert sharded.shape == single.shape == (10, 4, 4, 64)
   np.testing.assert_allclose(sharded, single, rtol=1e-5, atol=1e-5)
