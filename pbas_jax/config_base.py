@@ -10,6 +10,16 @@ from typing import Any, Mapping
 
 import ml_collections
 
+from pbas_jax import center
+from pbas_jax import data
+from pbas_jax import engine
+from pbas_jax import feature_cache
+from pbas_jax import losses
+from pbas_jax import metrics
+from pbas_jax import report
+from pbas_jax import synthesis
+from pbas_jax import train
+
 
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
@@ -18,7 +28,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.dataset.name = "mvtec"          # mvtec | visa | mpdd | folder | demo
   c.dataset.root = ""               # raw data (manual dir); required except for `demo`
   c.dataset.classes = ""            # comma-separated; "" = all classes of the dataset
-  c.dataset.data_dir = ""           # where prepared TFDS datasets go; "" = <workdir>/../tfds
+  c.dataset.data_dir = ""           # where prepared TFDS datasets go; "" = <cache folder>/tfds
   c.dataset.image_size = 288        # center-crop size
   c.dataset.resize = 288            # shorter side before the crop (toothbrush/wood rule applies)
   c.dataset.resize_mode = "auto"    # crop (reference: shorter side to resize, center crop) |
@@ -30,7 +40,8 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.backbone = ml_collections.ConfigDict()
   c.backbone.name = "wide_resnet50_2"
-  c.backbone.weights = "IMAGENET1K_V1"  # a converted torchvision weight id, or "random"
+  c.backbone.weights = "IMAGENET1K_V1"  # a converted weight id, a .safetensors file (torchvision
+                                        # or timm names), hf-hub:<repo>, or "random"
   c.backbone.seed = 0                   # seed of "random" weights
   c.backbone.cache_dir = ""             # "" = $PBAS_JAX_CACHE or ~/.cache/pbas_jax
   c.backbone.layers = ("layer2", "layer3")
@@ -85,6 +96,59 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.only = False               # evaluate a trained model from the workdir, no training
 
   return c
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Rejects, before anything runs, values the locked ConfigDict accepts by type but the method
+  cannot use; each message names the setting and the fix. Allowed values come from the modules
+  that own them."""
+  choices = {
+      "dataset.mask_mode": data.MASK_MODES,
+      "dataset.resize_mode": data.RESIZE_MODES,
+      "model.center_init": center.METHODS,
+      "model.center_metric": center.METRICS,
+      "model.synthesis": synthesis.SYNTHESES,
+      "model.scoring": train.SCORINGS,
+      "model.bce": losses.BCE_MODES,
+      "train.cache_dtype": ("float32", "bfloat16"),
+      "train.feature_cache": feature_cache.MODES,
+      "train.compute_dtype": tuple(train.COMPUTE_DTYPES),
+      "eval.selection": report.SELECTIONS,
+      "eval.pro_variant": metrics.PRO_VARIANTS,
+  }
+  for key, allowed in choices.items():
+    section, name = key.split(".")
+    value = config[section][name]
+    if value not in allowed:
+      raise ValueError(f"--config.{key}={value!r} is not valid; choose one of {', '.join(allowed)}")
+  positive = ("dataset.image_size", "dataset.resize", "dataset.batch_size", "train.epochs",
+              "train.checkpoint_every", "backbone.pretrain_dim", "backbone.target_dim",
+              "backbone.patch_size", "eval.batch_size", "train.num_runs")
+  for key in positive:
+    section, name = key.split(".")
+    if config[section][name] <= 0:
+      raise ValueError(f"--config.{key} must be positive, got {config[section][name]}")
+  engine.runs_of(config)  # names a repeated train.k_values entry
+  if not config.model.rbo and config.model.scoring == "discriminator":
+    raise ValueError("--config.model.rbo=False (ABL alone) trains no discriminator: set "
+                     "--config.model.scoring=center_distance")
+  if not 0 < config.dataset.subsample <= 1:
+    raise ValueError(f"--config.dataset.subsample must be in (0, 1], got {config.dataset.subsample}")
+  if not 0 <= config.train.param_ema < 1:
+    raise ValueError(f"--config.train.param_ema={config.train.param_ema}: use 0 (off) or a decay "
+                     "in (0, 1), e.g. 0.999")
+  if config.eval.every_epochs < 0:
+    raise ValueError(f"--config.eval.every_epochs={config.eval.every_epochs}: use 0 (only after "
+                     "the last epoch) or a positive interval")
+  if config.eval.selection == "test_oracle" and config.eval.every_epochs > config.train.epochs:
+    raise ValueError(
+        f"--config.eval.selection=test_oracle picks the best evaluated epoch, but "
+        f"--config.eval.every_epochs={config.eval.every_epochs} is larger than "
+        f"--config.train.epochs={config.train.epochs}, so no epoch would be evaluated: lower "
+        "eval.every_epochs (0 = every epoch under test_oracle)")
+  if config.dataset.name != "demo" and not config.dataset.root:
+    raise ValueError(f"--config.dataset.root is empty: point it at the raw {config.dataset.name} "
+                     "data (e.g. --config.dataset.root=/data/mvtec)")
 
 
 def apply_preset(c: ml_collections.ConfigDict, preset: str | None) -> ml_collections.ConfigDict:

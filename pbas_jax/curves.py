@@ -1,4 +1,8 @@
-"""Per-epoch scalars as TensorBoard curves: event files written with tensorboardX.
+"""Per-epoch curves of a class: `metrics.jsonl` and TensorBoard event files (tensorboardX).
+
+`EpochLog` is what training writes to: one JSON line per epoch and run in `<class dir>/metrics.jsonl`
+and the same scalars as TensorBoard curves in each run's folder (`train/<metric>`,
+`test/<metric>`). Only process 0 writes.
 
 tensorboardX writes TensorBoard's event-file format with protobuf and numpy only (neither
 TensorFlow nor torch). A class's curves go to `<class dir>/tensorboard/`, so
@@ -17,6 +21,7 @@ workdir) are dropped. Its default loader (the Rust data server) drops them per t
 run writes that tag again at an earlier step; the Python loader (`--load_fast=false`) drops all
 tags' at the marker. Either way the older files keep those points on disk.
 """
+import json
 import os
 import sys
 import time
@@ -24,6 +29,8 @@ from typing import Mapping, Optional
 
 import jax
 import numpy as np
+
+from pbas_jax import fileio
 
 TENSORBOARD_DIR = "tensorboard"  # under the class directory
 
@@ -117,3 +124,40 @@ class ScalarWriter:
 def open_writer(class_dir: str, first_step: int = 0) -> ScalarWriter:
   """A `ScalarWriter` on `<class_dir>/tensorboard` whose first point is at `first_step`."""
   return ScalarWriter(os.path.join(class_dir, TENSORBOARD_DIR), first_step)
+
+
+class EpochLog:
+  """The per-epoch record of a class's runs: `metrics.jsonl` plus TensorBoard curves per run.
+
+  On a resume from `resume_epoch`, lines past it are dropped from `metrics.jsonl` (the epochs an
+  interrupted run logged after its last checkpoint) and the curves restart at `resume_epoch + 1`.
+  """
+
+  def __init__(self, class_dir: str, run_dirs: list[str], resume_epoch: int):
+    self._file = None
+    self._writers = [open_writer(d, first_step=resume_epoch + 1) for d in run_dirs]
+    if jax.process_index() != 0:
+      return
+    path = os.path.join(class_dir, "metrics.jsonl")
+    kept = []
+    if resume_epoch and os.path.exists(path):
+      with open(path) as f:
+        kept = [line for line in f if line.strip() and json.loads(line)["epoch"] <= resume_epoch]
+    fileio.atomic_write(path, "".join(kept))
+    self._file = open(path, "a")
+
+  def write(self, run: int, record: Mapping[str, object]) -> None:
+    """Logs run `run`'s `record` (`epoch`, training metrics, `test_<metric>` when evaluated)."""
+    if self._file is not None:
+      self._file.write(json.dumps(record) + "\n")
+      self._file.flush()
+    self._writers[run].write(record["epoch"], {
+        (f"test/{key[5:]}" if key.startswith("test_") else f"train/{key}"): value
+        for key, value in record.items() if key not in ("epoch", "run", "seed", "alpha")})
+    self._writers[run].flush()
+
+  def close(self) -> None:
+    if self._file is not None:
+      self._file.close()
+    for writer in self._writers:
+      writer.close()

@@ -112,22 +112,35 @@ def _pooled_unfold(x: jnp.ndarray, patch_size: int, groups: int, block: np.ndarr
   return jnp.stack(outputs, axis=-1).reshape(b, out_h, out_w, groups * q)
 
 
+@functools.lru_cache(maxsize=32)
+def bilinear_matrix(out_size: int, in_size: int) -> np.ndarray:
+  """(out_size, in_size) float64 matrix of torch's 1-D bilinear resize, align_corners=False.
+
+  Source coordinate (i + 0.5) * in / out - 0.5, clamped at 0, linear between its two neighbours
+  (the last one repeated at the far border). Shared by the layer upsampling here and the anomaly
+  maps (`inference`); read-only, as callers share the cached matrix.
+  """
+  scale = in_size / out_size
+  src = np.maximum((np.arange(out_size) + 0.5) * scale - 0.5, 0.0)
+  lo = np.floor(src).astype(np.int64)
+  hi = np.minimum(lo + 1, in_size - 1)
+  frac = src - lo
+  m = np.zeros((out_size, in_size))
+  rows = np.arange(out_size)
+  np.add.at(m, (rows, lo), 1.0 - frac)
+  np.add.at(m, (rows, hi), frac)
+  m.flags.writeable = False
+  return m
+
+
 def resize_bilinear(x: jnp.ndarray, height: int, width: int) -> jnp.ndarray:
   """torch interpolate(mode="bilinear", align_corners=False), no antialias, NHWC.
 
-  (B, h, w, C) -> (B, height, width, C). Source coordinate (i + 0.5) * in / out - 0.5, clamped at
-  0, linear between its two neighbours (the last one repeated at the far border), per axis.
+  (B, h, w, C) -> (B, height, width, C), one `bilinear_matrix` product per axis.
   """
-  for axis, size in ((1, height), (2, width)):
-    n = x.shape[axis]
-    if n == size:
-      continue
-    src = np.maximum((np.arange(size) + 0.5) * n / size - 0.5, 0.0)
-    lo = np.floor(src).astype(np.int32)
-    frac = (src - lo).astype(np.float32).reshape([-1 if a == axis else 1 for a in range(x.ndim)])
-    x = (jnp.take(x, lo, axis=axis) * (1 - frac)
-         + jnp.take(x, np.minimum(lo + 1, n - 1), axis=axis) * frac)
-  return x
+  rows = jnp.asarray(bilinear_matrix(height, x.shape[1]), x.dtype)
+  cols = jnp.asarray(bilinear_matrix(width, x.shape[2]), x.dtype)
+  return jnp.einsum("Hh,bhwc,Ww->bHWc", rows, x, cols, precision=jax.lax.Precision.HIGHEST)
 
 
 def patch_features(maps: Sequence[jnp.ndarray], patch_size: int = 3, pretrain_dim: int = 1536,
@@ -197,3 +210,12 @@ def make_extractor(name: str, variables, layers: Sequence[str], patch_size: int,
   return functools.partial(
       sharding.jit_per_example(extract, mesh, compiler_options=_compiler_options()),
       sharding.put(kept, sharding.replicated(mesh)))
+
+
+def extractor_of(config, mesh: jax.sharding.Mesh) -> Callable[[jnp.ndarray], jnp.ndarray]:
+  """`make_extractor` for the configured backbone (`backbone.*`), weights loaded or converted."""
+  b = config.backbone
+  variables = backbones.load_variables(b.name, b.weights, seed=b.seed,
+                                       cache_dir=b.cache_dir or None)
+  return make_extractor(b.name, variables, tuple(b.layers), b.patch_size, b.pretrain_dim,
+                        b.target_dim, mesh=mesh)

@@ -1,4 +1,5 @@
-"""Writing files so that a reader (another process, a resumed run) never sees half of one."""
+"""Files: the user's cache folder, and writing so that a reader (another process, a resumed run)
+never sees half of a file."""
 import os
 import secrets
 from typing import BinaryIO, Callable
@@ -32,3 +33,11 @@ def atomic_write(path: str | os.PathLike,
   except BaseException:
     os.unlink(tmp)
     raise
+
+
+def cache_dir(override: str | os.PathLike | None = None) -> str:
+  """Where prepared data, converted weights and cached features live: `override`, else
+  $PBAS_JAX_CACHE, else ~/.cache/pbas_jax ("" counts as unset). Shared by every run and sweep task
+  of a user."""
+  return os.fspath(override or os.environ.get("PBAS_JAX_CACHE")
+                   or os.path.expanduser("~/.cache/pbas_jax"))

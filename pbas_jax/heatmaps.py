@@ -107,3 +107,10 @@ def save_heatmaps(directory: str | os.PathLike, images, masks, maps, names: Sequ
     fileio.atomic_write(path, buf.getvalue())
     paths.append(path)
   return paths
+
+
+def heatmap_indices(n: int, limit: int) -> np.ndarray:
+  """Indices of the test images drawn as heatmaps (`eval.heatmaps`: a count, -1 = all), spread
+  over the set so good and defective images both appear."""
+  count = n if limit < 0 else min(limit, n)
+  return np.unique(np.linspace(0, n - 1, count).round().astype(int)) if count else np.zeros(0, int)

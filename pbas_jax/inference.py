@@ -9,12 +9,22 @@ half-sample symmetric `dcba|abcd`). No normalization.
 Both steps are linear and separable, so each axis is one matrix built once per shape in float64
 on the host: upsampling `U (H, h)`, smoothing `G (H, H)`. The map is `(G_H U_H) S (G_W U_W)^T`,
 two small matmuls per image on the device instead of a 33-tap convolution of the full-size map.
+
+`predict` / `evaluate` score cached features with a trained state over the device mesh: the one
+inference path of evaluation during training, the final report and `pbas_jax.predict`.
 """
 import functools
+import time
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
+
+from pbas_jax import features as features_lib
+from pbas_jax import metrics as metrics_lib
+from pbas_jax import sharding
+from pbas_jax import train
 
 # Kernel extent of scipy.ndimage.gaussian_filter's default.
 TRUNCATE = 4.0
@@ -30,21 +40,6 @@ def _size_pair(size: int | tuple[int, int]) -> tuple[int, int]:
 def _readonly(m: np.ndarray) -> np.ndarray:
   m.flags.writeable = False  # cached matrices are shared by every caller
   return m
-
-
-@functools.lru_cache(maxsize=32)
-def bilinear_matrix(out_size: int, in_size: int) -> np.ndarray:
-  """(out_size, in_size) float64 matrix of torch's 1-D bilinear resize, align_corners=False."""
-  scale = in_size / out_size
-  src = np.maximum((np.arange(out_size) + 0.5) * scale - 0.5, 0.0)
-  lo = np.floor(src).astype(np.int64)
-  hi = np.minimum(lo + 1, in_size - 1)
-  frac = src - lo
-  m = np.zeros((out_size, in_size))
-  rows = np.arange(out_size)
-  np.add.at(m, (rows, lo), 1.0 - frac)
-  np.add.at(m, (rows, hi), frac)
-  return _readonly(m)
 
 
 def _reflect_index(index: np.ndarray, n: int) -> np.ndarray:
@@ -91,8 +86,8 @@ def image_scores(patch_scores: jax.Array) -> jax.Array:
 def upsample_bilinear(maps: jax.Array, size: int | tuple[int, int]) -> jax.Array:
   """(B, h, w) -> (B, H, W) bilinear resize, half-pixel centers (torch align_corners=False)."""
   height, width = _size_pair(size)
-  return _separable(maps, bilinear_matrix(height, maps.shape[1]),
-                    bilinear_matrix(width, maps.shape[2]))
+  return _separable(maps, features_lib.bilinear_matrix(height, maps.shape[1]),
+                    features_lib.bilinear_matrix(width, maps.shape[2]))
 
 
 @functools.partial(jax.jit, static_argnames=("sigma",))
@@ -112,8 +107,8 @@ def anomaly_maps(patch_scores: jax.Array, size: int | tuple[int, int],
   """
   height, width = _size_pair(size)
   sigma = float(sigma)
-  rows = gaussian_matrix(height, sigma) @ bilinear_matrix(height, patch_scores.shape[1])
-  cols = gaussian_matrix(width, sigma) @ bilinear_matrix(width, patch_scores.shape[2])
+  rows = gaussian_matrix(height, sigma) @ features_lib.bilinear_matrix(height, patch_scores.shape[1])
+  cols = gaussian_matrix(width, sigma) @ features_lib.bilinear_matrix(width, patch_scores.shape[2])
   return _separable(patch_scores, rows, cols)
 
 
@@ -121,6 +116,57 @@ def scores_and_maps(patch_scores: jax.Array, size: int | tuple[int, int],
                     sigma: float = 4.0) -> tuple[jax.Array, jax.Array]:
   """(B, h, w) patch scores -> ((B,) image scores, (B, H, W) pixel maps)."""
   return image_scores(patch_scores), anomaly_maps(patch_scores, size, sigma)
+
+
+# ---------------------------------------------------------------------------------------------
+# A trained state on cached features, over the mesh.
+
+
+@functools.lru_cache(maxsize=8)
+def _predictor(scoring: str, metric: str, size: int, sigma: float, mesh: jax.sharding.Mesh):
+  """Jitted `(state, features (B, H, W, D)) -> (scores (B,), maps (B, S, S))`, the images split
+  over the mesh's devices (`sharding.jit_per_example`)."""
+  def predict_batch(state, features):
+    return scores_and_maps(train.score_patches(state, features, scoring, metric), size, sigma)
+
+  return sharding.jit_per_example(predict_batch, mesh)
+
+
+def predict(state: train.TrainState, features, config: ml_collections.ConfigDict,
+            mesh: jax.sharding.Mesh) -> tuple[np.ndarray, np.ndarray]:
+  """Image scores (N,) and pixel maps (N, S, S) of features (N, H, W, D), `eval.batch_size` at a
+  time (a last partial batch is padded to the full size, so one compilation serves all)."""
+  fn = _predictor(config.model.scoring, config.model.center_metric, config.dataset.image_size,
+                  float(config.eval.smoothing_sigma), mesh)
+  bs, n = config.eval.batch_size, features.shape[0]
+  scores, maps = [], []
+  for start in range(0, n, bs):
+    batch = features[start:start + bs]
+    s, m = fn(state, sharding.pad_rows(batch, bs))
+    scores.append(sharding.to_host(s)[:len(batch)])
+    maps.append(sharding.to_host(m)[:len(batch)])
+  return np.concatenate(scores), np.concatenate(maps)
+
+
+def evaluate(state: train.TrainState, split, config: ml_collections.ConfigDict,
+             mesh: jax.sharding.Mesh) -> dict:
+  """The five metrics (fractions, None where undefined, plus `notes`) of `state` on a split
+  with cached `features`, `labels` and `masks`."""
+  scores, maps = predict(state, split.features, config, mesh)
+  return metrics_lib.compute_all(scores, split.labels, maps, split.masks, config.eval.pro_variant)
+
+
+def images_per_second(extractor, state: train.TrainState, images: np.ndarray,
+                      config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> float:
+  """Inference throughput from preprocessed images `(B, S, S, 3)`: backbone, heads and maps,
+  measured on a second pass, after compilation."""
+  def run():
+    return jax.block_until_ready(predict(state, extractor(images), config, mesh))
+
+  run()  # compiles
+  t0 = time.perf_counter()
+  run()
+  return len(images) / (time.perf_counter() - t0)
 
 
 # ---------------------------------------------------------------------------------------------

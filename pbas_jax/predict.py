@@ -2,7 +2,8 @@ r"""Scores a folder of unlabelled images with a trained class: scores.csv plus h
 
   python -m pbas_jax.predict --workdir=runs/mvtec --class_name=bottle --images=/data/new_bottles
 
-Reads the run's `config.json` and the class's `model/` checkpoint (written by `pbas_jax.main`).
+Reads the run's `config.json` and the class's trained models (`<class>/model`, or
+`<class>/<run>/model` for runs trained together), written by `pbas_jax.main`.
 """
 import csv
 import io
@@ -16,11 +17,13 @@ import numpy as np
 
 from pbas_jax import checkpoint
 from pbas_jax import data
+from pbas_jax import engine
 from pbas_jax import experiment
+from pbas_jax import features as features_lib
 from pbas_jax import fileio
 from pbas_jax import heatmaps as heatmaps_lib
 from pbas_jax import inference
-from pbas_jax import train
+from pbas_jax import sharding
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory written by pbas_jax.main.")
 _CLASS = flags.DEFINE_string("class_name", None, "Class whose model scores the images.")
@@ -29,9 +32,13 @@ _OUTPUT = flags.DEFINE_string("output", None, "Output folder; default <workdir>/
 _HEATMAPS = flags.DEFINE_integer("heatmaps", -1, "Heatmap panels to write (-1 = all).")
 
 
-def predict_folder(workdir: str, class_name: str, image_dir: str, output: str,
-                   heatmaps: int = -1) -> list[tuple[str, float]]:
-  """Scores every image file of `image_dir`; writes `scores.csv` and heatmaps to `output`."""
+def model_dirs(workdir: str, class_name: str) -> tuple[ml_collections.ConfigDict, dict]:
+  """The run's config and `{run name: model folder}` of the class's trained runs.
+
+  A single run keeps its model in `<class dir>/model`; runs trained together each in
+  `<class dir>/<run name>/model`. Raises, naming the folders looked in, when none has a model;
+  creates nothing.
+  """
   config_path = os.path.join(workdir, "config.json")
   if not os.path.exists(config_path):
     raise FileNotFoundError(f"{config_path} not found: --workdir must be a run directory of "
@@ -39,48 +46,62 @@ def predict_folder(workdir: str, class_name: str, image_dir: str, output: str,
   with open(config_path) as f:
     config = ml_collections.ConfigDict(json.load(f))
   class_dir = os.path.join(workdir, f"{config.dataset.name}_{class_name}")
-  model = checkpoint.Checkpointer(os.path.join(class_dir, "model"), max_to_keep=1)
-  if model.latest_epoch() is None:
-    raise FileNotFoundError(f"no trained model in {model.directory}: train class {class_name} "
-                            "with pbas_jax.main first")
+  runs = engine.runs_of(config)
+  dirs = {run.name: os.path.join(d, "model")
+          for run, d in zip(runs, experiment.run_dirs(class_dir, runs))}
+  found = {name: d for name, d in dirs.items() if os.path.isdir(d) and os.listdir(d)}
+  if not found:
+    raise FileNotFoundError(f"no trained model of class {class_name} in {', '.join(dirs.values())}"
+                            f": train it with pbas_jax.main first (same --workdir)")
+  return config, found
+
+
+def predict_folder(workdir: str, class_name: str, image_dir: str, output: str,
+                   heatmaps: int = -1) -> list[tuple[str, float]]:
+  """Scores every image file of `image_dir` with each trained run of the class.
+
+  Writes `scores.csv` (one score column per run) and heatmap panels (`heatmaps/`, per run in
+  `heatmaps/<run>/` when the class has several) to `output`. Images are preprocessed as in
+  training and scored by the same inference code as the evaluation, on all devices.
+
+  Returns:
+    (file name, score) pairs of the first run.
+  """
+  config, models = model_dirs(workdir, class_name)
   files = [str(p) for p in data.image_files(image_dir)] if os.path.isdir(image_dir) else []
   if not files:
     raise FileNotFoundError(f"no image files ({', '.join(data.IMAGE_EXTENSIONS)}) in {image_dir}")
-
   size = config.dataset.image_size
   # As training preprocessed; runs from before resize_mode existed cropped.
   geometry = data.geometry(config.dataset.name, class_name, size, config.dataset.resize,
                            config.dataset.get("resize_mode", "crop"))
-  extractor = experiment.make_extractor(config)
-  state = None
-  images, scores, maps = [], [], []
-  bs = config.eval.batch_size
-  for start in range(0, len(files), bs):
-    batch = np.stack([data.load_image(p, geometry) for p in files[start:start + bs]])
-    feats = extractor(batch)
-    if state is None:
-      state, _ = model.restore(experiment.state_template(config, feats.shape))
-    patch = train.score_patches(state, feats, config.model.scoring, config.model.center_metric)
-    s, m = inference.scores_and_maps(patch, size, config.eval.smoothing_sigma)
-    scores.append(np.asarray(s))
-    maps.append(np.asarray(m))
-    if heatmaps < 0 or start < heatmaps:
-      images.append(batch)
-  scores, maps = np.concatenate(scores), np.concatenate(maps)
+  mesh = sharding.make_mesh()
+  extractor = features_lib.extractor_of(config, mesh)
   names = [os.path.basename(p) for p in files]
-
+  bs = config.eval.batch_size
+  batches = [np.stack([data.load_image(p, geometry) for p in files[start:start + bs]])
+             for start in range(0, len(files), bs)]
+  features = [extractor(batch) for batch in batches]
+  template = engine.unstack(engine.state_template(config, engine.runs_of(config)[:1],
+                                                  features[0].shape))[0]
+  columns = {}
+  for run_name, model_dir in models.items():
+    state, _ = checkpoint.Checkpointer(model_dir, max_to_keep=1).restore(template)
+    scored = [inference.predict(state, f, config, mesh) for f in features]
+    scores, maps = (np.concatenate(parts) for parts in zip(*scored))
+    columns[run_name] = scores
+    if heatmaps:
+      count = len(files) if heatmaps < 0 else min(heatmaps, len(files))
+      folder = os.path.join(output, "heatmaps", *([run_name] if len(models) > 1 else []))
+      heatmaps_lib.save_heatmaps(folder, np.concatenate(batches)[:count], None, maps[:count],
+                                 names[:count], scores[:count], limit=-1,
+                                 value_range=(float(maps.min()), float(maps.max())))
   buf = io.StringIO()
   writer = csv.writer(buf)
-  writer.writerow(["file", "score"])
-  writer.writerows((n, f"{s:.6f}") for n, s in zip(names, scores))
+  writer.writerow(["file", *(["score"] if len(columns) == 1 else columns)])
+  writer.writerows([n, *(f"{c[i]:.6f}" for c in columns.values())] for i, n in enumerate(names))
   fileio.atomic_write(os.path.join(output, "scores.csv"), buf.getvalue())
-  if heatmaps:
-    kept = np.concatenate(images)
-    count = len(kept) if heatmaps < 0 else min(heatmaps, len(kept))
-    heatmaps_lib.save_heatmaps(os.path.join(output, "heatmaps"), kept[:count], None,
-                               maps[:count], names[:count], scores[:count], limit=-1,
-                               value_range=(float(maps.min()), float(maps.max())))
-  return list(zip(names, scores.tolist()))
+  return list(zip(names, next(iter(columns.values())).tolist()))
 
 
 def main(argv):

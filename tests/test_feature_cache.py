@@ -21,6 +21,7 @@ from pbas_jax import config_base
 from pbas_jax import data
 from pbas_jax import experiment
 from pbas_jax import feature_cache
+from pbas_jax import features as features_lib
 from pbas_jax import report
 from pbas_jax import sharding
 from pbas_jax.backbones import weights as weights_lib
@@ -53,7 +54,7 @@ def setup(tmp_path_factory):
   config.backbone.cache_dir = str(base / "weights")
   config.backbone.pretrain_dim = config.backbone.target_dim = 64
   config.eval.batch_size = 4
-  extractor = experiment.make_extractor(config, sharding.make_mesh(jax.devices()[:1]))
+  extractor = features_lib.extractor_of(config, sharding.make_mesh(jax.devices()[:1]))
   return config, extractor
 
 

@@ -2,6 +2,7 @@
 import json
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -15,8 +16,10 @@ import data_trees
 from pbas_jax import checkpoint
 from pbas_jax import config_base
 from pbas_jax import data
+from pbas_jax import engine
 from pbas_jax import experiment
 from pbas_jax import feature_cache
+from pbas_jax import features as features_lib
 from pbas_jax import predict
 from pbas_jax import report
 from pbas_jax import sharding
@@ -48,7 +51,8 @@ def run_main(workdir, root, *overrides, env=None, check=True, config="configs/mv
 
 
 def load_model(class_dir: pathlib.Path, config, features_shape):
-  template = experiment.state_template(config, features_shape)
+  template = engine.unstack(engine.state_template(config, engine.runs_of(config),
+                                                  features_shape))[0]
   return checkpoint.Checkpointer(class_dir / "model").restore(template)
 
 
@@ -108,6 +112,11 @@ def test_smoke_end_to_end_and_finished_class_is_skipped(tmp_path):
   assert len(list((out / "heatmaps").glob("*.png"))) == 2
   with pytest.raises(FileNotFoundError, match="no image files"):
     predict.predict_folder(str(workdir), "bottle", str(tmp_path / "empty"), str(out))
+  # A class without a trained model: the error names where it looked; nothing is created.
+  with pytest.raises(FileNotFoundError, match=re.escape(str(workdir / "mvtec_cable" / "model"))):
+    predict.predict_folder(str(workdir), "cable", str(root / "bottle" / "test" / "crack"),
+                           str(tmp_path / "nothing"))
+  assert not (workdir / "mvtec_cable").exists() and not (tmp_path / "nothing").exists()
 
 
 @pytest.mark.slow
@@ -171,7 +180,7 @@ def test_cached_features_equal_features_recomputed_in_another_order(tmp_path):
   config = smoke_config(**{"dataset.root": str(root), "eval.batch_size": 4})
   source = data.load_split("mvtec", root, "bottle", "train", data_dir=tmp_path / "tfds",
                            image_size=64, resize=64)
-  extractor = experiment.make_extractor(config, sharding.make_mesh(jax.devices()[:1]))
+  extractor = features_lib.extractor_of(config, sharding.make_mesh(jax.devices()[:1]))
   cached = feature_cache.extract_split(extractor, source, config, np.zeros(0, int), "train")
   order = np.random.default_rng(0).permutation(len(source))
   recomputed = np.zeros(cached.features.shape, np.float32)
@@ -193,9 +202,16 @@ def test_unknown_config_key_fails_with_a_suggestion(tmp_path):
     ("train.epochs", 0, "--config.train.epochs must be positive"),
     ("dataset.subsample", 1.5, "--config.dataset.subsample must be in (0, 1]"),
     ("dataset.root", "", "--config.dataset.root is empty"),
+    ("train.checkpoint_every", 0, "--config.train.checkpoint_every must be positive"),
+    ("eval.every_epochs", 5, "--config.eval.every_epochs=5 is larger than --config.train.epochs=3"),
+    ("model.bce", "logits", "--config.model.bce='logits' is not valid"),
+    ("train.compute_dtype", "float16", "--config.train.compute_dtype='float16' is not valid"),
+    ("train.param_ema", 1.0, "--config.train.param_ema=1.0"),
 ])
 def test_bad_config_values_are_named(tmp_path, key, value, message):
   config = smoke_config(**{"dataset.root": str(tmp_path), key: value})
+  if key == "eval.every_epochs":  # only an error when the test set selects the epoch
+    config.eval.selection = "test_oracle"
   with pytest.raises(ValueError) as err:
     experiment.train_and_evaluate(config, str(tmp_path / "run"))
   assert message in str(err.value)

@@ -14,8 +14,8 @@ from pbas_jax import backbones
 from pbas_jax import config_base
 from pbas_jax import engine
 from pbas_jax import experiment
-from pbas_jax import feature_cache
 from pbas_jax import features as features_lib
+from pbas_jax import inference
 from pbas_jax import sharding
 from pbas_jax import train
 
@@ -117,17 +117,15 @@ def test_sharded_inference_equals_one_device(mesh):
   features = clustered(1, n=10)
   state = initial_state(config, features)
   state, _ = jax.jit(train.make_train_step(config))(state, features[:8], jax.random.key(0))
-  test = feature_cache.Split(features=jnp.asarray(features), labels=np.zeros(10, int), masks=None,
-                          names=[str(i) for i in range(10)], defect_types=["good"] * 10,
-                          images=np.zeros((0, 32, 32, 3), np.float32))
-  scores, maps = experiment.predict_split(state, test, config,
-                                         sharding.make_mesh(jax.devices()[:1]))
-  scores_8, maps_8 = experiment.predict_split(state, test, config, mesh)
+  features = jnp.asarray(features)
+  scores, maps = inference.predict(state, features, config,
+                                   sharding.make_mesh(jax.devices()[:1]))
+  scores_8, maps_8 = inference.predict(state, features, config, mesh)
   assert scores_8.shape == (10,) and maps_8.shape == (10, 32, 32)
   np.testing.assert_allclose(scores_8, scores, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(maps_8, maps, rtol=1e-5, atol=1e-6)
   config.eval.batch_size = 6  # batches of 6 and 4, each padded to 8
-  scores_6, maps_6 = experiment.predict_split(state, test, config, mesh)
+  scores_6, maps_6 = inference.predict(state, features, config, mesh)
   np.testing.assert_allclose(scores_6, scores, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(maps_6, maps, rtol=1e-5, atol=1e-6)
 

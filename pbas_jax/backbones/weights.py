@@ -51,7 +51,7 @@ class IncompatibleWeightsError(ValueError):
 
 def cache_root(cache_dir: str | os.PathLike | None = None) -> pathlib.Path:
   """`cache_dir`, else $PBAS_JAX_CACHE, else ~/.cache/pbas_jax ("" counts as unset)."""
-  root = cache_dir or os.environ.get("PBAS_JAX_CACHE") or pathlib.Path.home() / ".cache/pbas_jax"
+  root = fileio.cache_dir(cache_dir)
   return pathlib.Path(root).expanduser()
 
 

@@ -36,6 +36,7 @@ from PIL import Image
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 MASK_RULES = ("exact", "positive", "binary")
+MASK_MODES = ("reference", "binary")  # dataset.mask_mode
 RESIZE_MODES = ("auto", "crop", "stretch")
 # Datasets whose reference geometry (crop) `resize_mode='auto'` keeps; others are stretched.
 CROP_DATASETS = ("mvtec", "visa", "mpdd")
@@ -166,7 +167,7 @@ def mask_rule(dataset: str, mask_mode: str) -> str:
     return "binary"
   if mask_mode == "reference":
     return "positive" if dataset == "visa" else "exact"
-  raise ValueError(f"dataset.mask_mode={mask_mode!r} is not valid; choose reference or binary")
+  raise ValueError(f"dataset.mask_mode={mask_mode!r} is not valid; choose one of {MASK_MODES}")
 
 
 def load_image(path: Union[str, os.PathLike], geo: Geometry) -> np.ndarray:
