@@ -90,22 +90,35 @@ def extract_split(extractor, source: data.Source, config: ml_collections.ConfigD
 
   `keep` are the indices of the images kept (preprocessed) for heatmap panels; `indices` restricts
   the split to a subset (training-set subsampling).
+
+  Each process decodes only its own rows of every batch of `eval.batch_size` images (those its
+  devices hold, `sharding.example_rows` on the run's mesh `sharding.make_mesh()`; with one process,
+  all) and the extractor assembles the global batch from them. The Split is complete on every
+  process: features are a global array, labels, names and defect types come from the stored
+  records, masks are gathered from the processes that decoded them. The heatmap images are
+  decoded by process 0 only, which draws them (empty elsewhere).
   """
-  feats, labels, masks, names, types = [], [], [], [], []
   bs = config.eval.batch_size
-  count = len(source) if indices is None else len(indices)
-  for batch in tqdm.tqdm(data.batches(source, bs, indices=indices), desc=desc, unit="batch",
-                         total=-(-count // bs), leave=False):
-    valid = int(batch["valid"].sum())
-    feats.append(_store(extractor(batch["image"])[:valid], config))
-    labels.append(batch["label"][:valid])
-    masks.append(batch["mask"][:valid])
-    names += [f"{t}/{os.path.splitext(os.path.basename(f))[0]}"
-              for t, f in zip(batch["defect_type"][:valid], batch["filename"][:valid])]
-    types += list(batch["defect_type"][:valid])
-  return Split(features=jnp.concatenate(feats), labels=np.concatenate(labels),
+  mesh = sharding.make_mesh()
+  mine = sharding.example_rows(mesh, bs)
+  meta = source.describe(indices)
+  count = len(meta["label"])
+  feats, masks = [], []
+  for step, batch in enumerate(tqdm.tqdm(
+      data.batches(source, bs, indices=indices, rows=mine), desc=desc, unit="batch",
+      total=-(-count // bs), leave=False, disable=jax.process_index() != 0)):
+    valid = min(bs, count - step * bs)
+    feats.append(_store(extractor(batch["image"], global_rows=bs)[:valid], config))
+    if source.has_masks:
+      masks.append(sharding.to_host(sharding.example_batch(batch["mask"], mesh, bs))[:valid])
+  size = source.geometry.size
+  images = (kept_images(source, keep, indices) if jax.process_index() == 0
+            else np.zeros((0, size, size, 3), np.float32))
+  return Split(features=jnp.concatenate(feats), labels=meta["label"],
                masks=np.concatenate(masks) if source.has_masks else None,
-               names=names, defect_types=types, images=kept_images(source, keep, indices))
+               names=[f"{t}/{os.path.splitext(os.path.basename(f))[0]}"
+                      for t, f in zip(meta["defect_type"], meta["filename"])],
+               defect_types=list(meta["defect_type"]), images=images)
 
 
 @functools.lru_cache(maxsize=1)

@@ -4,6 +4,8 @@ r"""The main job: train and evaluate PBAS on every configured class.
       --config.dataset.root=/data/mvtec --config.dataset.classes=bottle,screw
 
 Re-running the same command resumes from the latest checkpoint and skips finished classes.
+Under SLURM, `srun` with one task per GPU runs it on all of them: the processes join first
+(`sharding.initialize_distributed`) and form one data-parallel mesh.
 """
 import logging as std_logging
 import os
@@ -14,6 +16,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from pbas_jax import experiment
+from pbas_jax import sharding
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "A configs/*.py file, optionally with a preset: configs/mvtec.py:smoke.",
@@ -31,6 +34,8 @@ def default_workdir(config_arg: str) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  # Before anything touches a device (importing the package does not).
+  sharding.initialize_distributed()
   workdir = _WORKDIR.value or default_workdir(flags.FLAGS["config"].config_filename)
   # Orbax and TFDS log every file they write at INFO; keep the run's own log readable.
   logging.get_absl_handler().addFilter(

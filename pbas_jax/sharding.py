@@ -12,7 +12,9 @@ A batch whose size the device count does not divide cannot be split evenly:
   padding would change its maths; that batch runs replicated instead (`batch_layout`).
 
 Multi-host (one process per GPU under SLURM `srun`): `initialize_distributed` joins the processes,
-and `global_batch` assembles a global array from each process's own rows of a batch.
+and `global_batch` assembles a global array from each process's own rows of a batch. A process
+reads and decodes only the rows of a batch that its devices hold (`example_rows`) and hands them to
+a per-example function as such (`jit_per_example(...)(..., global_rows=n)`).
 """
 import functools
 import os
@@ -71,7 +73,12 @@ def batch_layout(mesh: Mesh, rows: int, axis: int = 0) -> NamedSharding:
 
 def pad_rows(x, multiple: int):
   """`x (N, ...)` with zero rows appended up to a multiple of `multiple` (numpy or jax)."""
-  extra = -x.shape[0] % multiple
+  return _pad_to(x, x.shape[0] + (-x.shape[0] % multiple))
+
+
+def _pad_to(x, rows: int):
+  """`x (N, ...)` with zero rows appended up to `rows >= N` rows."""
+  extra = rows - x.shape[0]
   if not extra:
     return x
   xp = np if isinstance(x, np.ndarray) else jnp
@@ -102,6 +109,35 @@ def global_batch(local: np.ndarray, sharding: NamedSharding, global_rows: int) -
   """
   return jax.make_array_from_process_local_data(sharding, np.asarray(local),
                                                 (global_rows, *local.shape[1:]))
+
+
+def example_rows(mesh: Mesh, n: int) -> slice:
+  """The rows of a batch of `n` examples that this process's devices hold under `jit_per_example`.
+
+  The batch is zero-padded to a multiple of the device count and split over the devices
+  (`batch_sharding`); these are this process's rows of it (`process_rows`) less the padding, so
+  possibly none. With one process, all `n`.
+  """
+  rows = process_rows(batch_sharding(mesh), (n + (-n % mesh.size),))
+  return slice(min(rows.start, n), min(rows.stop, n))
+
+
+def example_batch(local: np.ndarray, mesh: Mesh, n: int) -> jax.Array:
+  """The global batch of `n` examples, zero-padded and split as `jit_per_example` splits it, from
+  this process's rows `local` of it (`example_rows(mesh, n)`).
+
+  Returns:
+    `(G, ...)`: G = n rounded up to a multiple of the device count, split over the devices.
+  """
+  mine = example_rows(mesh, n)
+  if local.shape[0] != mine.stop - mine.start:
+    raise ValueError(f"this process holds rows {mine.start}:{mine.stop} of a batch of {n} on "
+                     f"{mesh.size} devices, got {local.shape[0]} rows: feed the rows of "
+                     "sharding.example_rows(mesh, n)")
+  padded = n + (-n % mesh.size)
+  share = process_rows(batch_sharding(mesh), (padded,))
+  return global_batch(_pad_to(np.asarray(local), share.stop - share.start), batch_sharding(mesh),
+                      padded)
 
 
 def put(tree: Any, sharding: NamedSharding) -> Any:
@@ -139,6 +175,11 @@ def jit_per_example(fn: Callable, mesh: Mesh, num_consts: int = 1, **jit_kwargs)
   the device count and split over the devices, and every output `(B', ...)` comes back with the
   padding rows dropped. Compiled once per padded shape.
 
+  The returned function also takes `global_rows=n`: `batch` is then only this process's rows
+  (`example_rows(mesh, n)`, a numpy array) of a global batch of `n` examples, which no process
+  holds whole (multi-process runs decode only their own rows); the outputs are global arrays of
+  `n` rows. With one process that is the whole batch, and both calls are the same.
+
   Args:
     fn: the function; outputs are a pytree of arrays with a leading batch axis.
     mesh: the device mesh.
@@ -150,11 +191,13 @@ def jit_per_example(fn: Callable, mesh: Mesh, num_consts: int = 1, **jit_kwargs)
                    **jit_kwargs)
 
   @functools.wraps(fn)
-  def call(*args):
+  def call(*args, global_rows: int | None = None):
     *consts, batch = args
-    n = batch.shape[0]
-    out = jitted(*put(tuple(consts), rep), put(pad_rows(batch, mesh.size), rows))
+    if global_rows is None:  # the whole batch, on every process
+      n, batch = batch.shape[0], put(pad_rows(batch, mesh.size), rows)
+    else:
+      n, batch = global_rows, example_batch(batch, mesh, global_rows)
+    out = jitted(*put(tuple(consts), rep), batch)
     return out if n % mesh.size == 0 else jax.tree.map(lambda y: y[:n], out)
 
   return call
-

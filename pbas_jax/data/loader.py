@@ -7,7 +7,9 @@
 
 Every batch has exactly `batch_size` rows: the last partial batch is padded with zero rows and
 `valid` (B,) says which rows are real, so a jitted consumer sees one shape. Consumers drop or
-mask the padded rows (`batch["image"][batch["valid"]]`).
+mask the padded rows (`batch["image"][batch["valid"]]`). A process of a multi-process run decodes
+only its own rows of every batch (`batches(..., rows=sharding.example_rows(mesh, B))`) and reads
+the labels and names of all rows from the stored records (`source.describe()`, no decoding).
 """
 import collections
 import concurrent.futures
@@ -55,6 +57,22 @@ class Source:
   def read(self, indices: Sequence[int]) -> list:
     """Stored (still encoded) examples; cheap, unlike `decode`."""
     return list(self._data.__getitems__([int(i) for i in indices]))
+
+  def describe(self, indices: Optional[Sequence[int]] = None) -> dict:
+    """label (K,) int32, defect_type and filename (K,) str of the examples `indices` (default:
+    all, in order), read from the stored records without decoding any image."""
+    order = np.arange(len(self)) if indices is None else np.asarray(indices, np.int64)
+    records = [r for start in range(0, len(order), 64) for r in self.read(order[start:start + 64])]
+    return {"label": np.array([int(r["label"]) for r in records], np.int32).reshape(-1),
+            "defect_type": np.array([r["defect_type"].decode() for r in records], str),
+            "filename": np.array([r["filename"].decode() for r in records], str)}
+
+  def padding(self) -> dict:
+    """The example that pads a batch (zero image and mask, label 0, index -1, "" strings)."""
+    s = self.geometry.size
+    return {"image": np.zeros((s, s, 3), np.float32), "mask": np.zeros((s, s), np.float32),
+            "has_mask": False, "label": np.int32(0), "defect_type": "", "filename": "",
+            "index": np.int64(-1)}
 
   def decode(self, record: dict, index: int) -> dict:
     """Decodes and preprocesses one stored example (thread-safe; PIL releases the GIL)."""
@@ -193,8 +211,8 @@ def subsample_indices(n: int, fraction: float, seed: int) -> np.ndarray:
 
 
 def batches(source: Source, batch_size: int, *, seed: Optional[int] = None,
-            indices: Optional[Sequence[int]] = None, num_threads: Optional[int] = None,
-            prefetch: int = 2) -> Iterator[dict]:
+            indices: Optional[Sequence[int]] = None, rows: Optional[slice] = None,
+            num_threads: Optional[int] = None, prefetch: int = 2) -> Iterator[dict]:
   """One pass over `source` in fixed-shape batches, decoded in a thread pool.
 
   Args:
@@ -202,16 +220,20 @@ def batches(source: Source, batch_size: int, *, seed: Optional[int] = None,
     batch_size: B; the last partial batch is padded to B rows (see `valid`).
     seed: None = in order; else the examples are shuffled with this seed.
     indices: examples to use (e.g. `subsample_indices`); None = all.
+    rows: decode and yield only these rows of every batch (a process's own rows of a global
+      batch, `sharding.example_rows(mesh, batch_size)`; possibly none); None = all B.
     num_threads: decoding threads; None = min(8, CPU count).
     prefetch: batches decoded ahead of the one being consumed.
 
   Yields:
-    dicts with the fields of `Source` stacked along a leading axis of B rows (image (B, S, S, 3),
+    dicts with the fields of `Source` stacked along a leading axis of B rows (or those of `rows`:
+    row j is row rows.start + j of the batch) (image (B, S, S, 3),
     mask (B, S, S), has_mask, label, index, defect_type and filename as numpy str arrays), plus
     valid: (B,) bool, False on padding rows (zero image and mask, label 0, index -1, "" strings).
   """
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+  first, stop, _ = (rows or slice(0, batch_size)).indices(batch_size)
   order = np.arange(len(source)) if indices is None else np.asarray(indices, np.int64).reshape(-1)
   if order.size and (order.min() < 0 or order.max() >= len(source)):
     raise ValueError(f"indices must lie in [0, {len(source)}) for {source.dataset}/"
@@ -223,26 +245,22 @@ def batches(source: Source, batch_size: int, *, seed: Optional[int] = None,
   pending = collections.deque()
   try:
     for chunk in chunks:
-      pending.append([pool.submit(source.decode, r, i) for r, i in zip(source.read(chunk), chunk)])
+      mine = chunk[first:stop]
+      pending.append([pool.submit(source.decode, r, i) for r, i in zip(source.read(mine), mine)])
       if len(pending) > prefetch:
-        yield _stack([f.result() for f in pending.popleft()], batch_size)
+        yield _stack([f.result() for f in pending.popleft()], stop - first, source.padding())
     while pending:
-      yield _stack([f.result() for f in pending.popleft()], batch_size)
+      yield _stack([f.result() for f in pending.popleft()], stop - first, source.padding())
   finally:
     pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _stack(examples: list, batch_size: int) -> dict:
-  """Stacks examples into B rows, padding with zero rows marked invalid."""
-  pad = batch_size - len(examples)
+def _stack(examples: list, rows: int, padding: dict) -> dict:
+  """Stacks examples into `rows` rows, padding with `padding` rows marked invalid."""
+  full = examples + [padding] * (rows - len(examples))
   out = {}
-  for key in examples[0]:
-    values = [e[key] for e in examples]
-    if isinstance(values[0], str):
-      out[key] = np.array(values + [""] * pad)
-    else:
-      stacked = np.stack(values)
-      filler = np.full((pad,) + stacked.shape[1:], -1 if key == "index" else 0, stacked.dtype)
-      out[key] = np.concatenate([stacked, filler])
-  out["valid"] = np.arange(batch_size) < len(examples)
+  for key, pad in padding.items():
+    pad = np.asarray(pad)
+    out[key] = np.stack([e[key] for e in full]) if full else np.zeros((0, *pad.shape), pad.dtype)
+  out["valid"] = np.arange(rows) < len(examples)
   return out
