@@ -186,8 +186,7 @@ def run_class(config: ml_collections.ConfigDict, workdir: str, class_name: str, 
   images = next(data.batches(test_src, config.eval.batch_size))["image"]
   images_per_s = inference.images_per_second(extractor, trained[0][0], images, config, mesh)
   if len(runs) > 1:
-    notes.append(f"{class_name}: {len(runs)} runs trained together (vmapped); each row's "
-                 "wall_time_s is the class's time divided by the runs")
+    notes.append(f"{class_name}: {len(runs)} runs trained together; wall_time_s = the class's / R")
   if config.eval.selection == "test_oracle":
     notes.append("epoch: epochs trained (1-based); the reference's log prints the 0-based loop "
                  "index of the same epoch, i.e. epoch - 1")
@@ -204,8 +203,8 @@ def run_class(config: ml_collections.ConfigDict, workdir: str, class_name: str, 
                              value_range=(float(maps.min()), float(maps.max())))
     rows.append({"dataset": config.dataset.name, "class": class_name, "seed": run.seed,
                  **result, "epoch": epoch, "selection": config.eval.selection,
-                 "wall_time_s": None, "images_per_s": images_per_s, "run": r, "alpha": run.k})
-  for row in rows:
+                 "images_per_s": images_per_s, "run": r, "alpha": run.k})
+  for row in rows:  # the class's time, shared by its runs
     row["wall_time_s"] = (time.time() - t0) / len(runs)
   if jax.process_index() == 0:
     report.write_results(class_dir, rows, config.eval.selection, notes, files=("json",),

@@ -10,6 +10,7 @@ import pytest
 from conftest import require
 from pbas_jax import backbones
 from pbas_jax import features
+from pbas_jax import sharding
 
 # benchmarks/torch_reference.py: the authors' torch computations, shared with the benchmarks.
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -90,7 +91,8 @@ def test_extractor_composes_backbone_and_patch_features():
   name, layers = "resnet18", ("layer1", "layer2")
   variables = backbones.init_variables(name, seed=0)
   images = _maps([(2, 32, 32, 3)])[0]
-  extract = features.make_extractor(name, variables, layers, 3, 96, 64)
+  extract = features.make_extractor(name, variables, layers, 3, 96, 64,
+                                    mesh=sharding.make_mesh(jax.devices()[:1]))
   maps = jax.jit(backbones.create(name, layers).apply)(variables, images)
   want = features.patch_features(maps, 3, 96, 64)
   got = extract(images)

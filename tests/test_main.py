@@ -77,6 +77,7 @@ def _check_outputs(workdir: pathlib.Path, class_dir: str, n_heatmaps: int):
   assert (workdir / class_dir / "checkpoints").is_dir()
   lines = (workdir / class_dir / "metrics.jsonl").read_text().splitlines()
   assert [json.loads(line)["epoch"] for line in lines] == list(range(1, len(lines) + 1))
+  assert list((workdir / class_dir / "tensorboard").glob("events*"))  # curves for TensorBoard
   return row
 
 
