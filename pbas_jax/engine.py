@@ -112,6 +112,8 @@ def init_states(config: ml_collections.ConfigDict, runs: list[Run], features: ja
   build = jax.jit(jax.vmap(functools.partial(_new_state, config), in_axes=(0, 0, None)),
                   in_shardings=rep, out_shardings=rep)
   t0 = time.time()
+  logging.info("building the center banks (%s) of %d run(s): compiling and one pass over %d "
+               "images...", config.model.center_init, len(runs), features.shape[0])
   states = build(*sharding.put((_stacked_keys(runs, 0), _stacked_keys(runs, 1), features), rep))
   jax.block_until_ready(states)
   logging.info("center banks (%s) of %d run(s) built in %.1f s", config.model.center_init,
