@@ -1,5 +1,7 @@
 """The PBAS train step: torch parity with the reference step, learning, epoch loop, scoring."""
 import functools
+import pathlib
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +17,9 @@ from pbas_jax import losses
 from pbas_jax import synthesis
 from pbas_jax import sharding
 from pbas_jax import train
+
+# benchmarks/torch_reference.py: the authors' torch computations, shared with the benchmarks.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
 
 
 def _config(dim_hidden=32, **model):
@@ -40,73 +45,6 @@ def _state(config, dim, features, seed=0, batch=2):
 # Parity with the reference step, re-stated in torch.
 
 
-def _torch_reference(state, k):
-  """The reference's projector, discriminator and optimizers, holding `state`'s parameters."""
-  import torch  # pylint: disable=g-import-not-at-top
-  p = jax.tree.map(lambda x: torch.tensor(np.asarray(x)), state.params)
-  dim = p["projector"]["layer0"]["kernel"].shape[0]
-  hidden = p["discriminator"]["block0_linear"]["kernel"].shape[1]
-  proj = torch.nn.Sequential(torch.nn.Linear(dim, dim))
-  disc = torch.nn.Sequential(torch.nn.Linear(dim, hidden), torch.nn.BatchNorm1d(hidden),
-                             torch.nn.LeakyReLU(0.2), torch.nn.Linear(hidden, 1, bias=False),
-                             torch.nn.Sigmoid())
-  with torch.no_grad():
-    proj[0].weight.copy_(p["projector"]["layer0"]["kernel"].T)
-    proj[0].bias.copy_(p["projector"]["layer0"]["bias"])
-    disc[0].weight.copy_(p["discriminator"]["block0_linear"]["kernel"].T)
-    disc[0].bias.copy_(p["discriminator"]["block0_linear"]["bias"])
-    disc[1].weight.copy_(p["discriminator"]["block0_bn"]["scale"])
-    disc[1].bias.copy_(p["discriminator"]["block0_bn"]["bias"])
-    disc[3].weight.copy_(p["discriminator"]["tail"]["kernel"].T)
-  proj_opt = torch.optim.Adam(proj.parameters(), 1e-4, weight_decay=1e-5)
-  dsc_opt = torch.optim.AdamW(disc.parameters(), lr=2e-4)
-  c = torch.tensor(np.asarray(state.center))
-
-  def step(features):
-    """pbas.PBAS._train_discriminator, one iteration; returns the losses and the gradients."""
-    F = torch.nn.functional
-    proj.train()
-    disc.train()
-    dsc_opt.zero_grad()
-    proj_opt.zero_grad()
-    true_feats = proj(torch.tensor(features).reshape(-1, dim))
-    similarity = torch.mm(F.normalize(true_feats, dim=1), F.normalize(c, dim=1).T)
-    center_feats = c[torch.argmax(similarity, dim=1)]
-    direct = true_feats - center_feats
-    d_ct = torch.norm(direct, dim=1, keepdim=True)
-    r_ct = d_ct.mean()
-    fake_feats = true_feats + ((direct / d_ct) * r_ct * k).detach()
-    scores = disc(torch.concat([true_feats, fake_feats]))
-    n = len(true_feats)
-    true_loss = torch.nn.BCELoss()(scores[:n], torch.zeros_like(scores[:n]))
-    fake_loss = torch.nn.BCELoss()(scores[n:], torch.ones_like(scores[n:]))
-    loss = r_ct + true_loss + fake_loss
-    loss.backward()
-    grads = {"projector": {"layer0": {"kernel": proj[0].weight.grad.T, "bias": proj[0].bias.grad}},
-             "discriminator": {
-                 "block0_linear": {"kernel": disc[0].weight.grad.T, "bias": disc[0].bias.grad},
-                 "block0_bn": {"scale": disc[1].weight.grad, "bias": disc[1].bias.grad},
-                 "tail": {"kernel": disc[3].weight.grad.T}}}
-    grads = jax.tree.map(lambda g: g.detach().numpy().copy(), grads)
-    proj_opt.step()
-    dsc_opt.step()
-    losses = {"loss_c": r_ct.item(), "loss_n": true_loss.item(), "loss_a": fake_loss.item(),
-              "loss": loss.item()}
-    return losses, grads
-
-  def variables():
-    params = {"projector": {"layer0": {"kernel": proj[0].weight.T, "bias": proj[0].bias}},
-              "discriminator": {
-                  "block0_linear": {"kernel": disc[0].weight.T, "bias": disc[0].bias},
-                  "block0_bn": {"scale": disc[1].weight, "bias": disc[1].bias},
-                  "tail": {"kernel": disc[3].weight.T}}}
-    stats = {"discriminator": {"block0_bn": {"mean": disc[1].running_mean,
-                                             "var": disc[1].running_var}}}
-    return jax.tree.map(lambda x: x.detach().numpy().copy(), (params, stats))
-
-  return step, variables
-
-
 def _get(tree, path):
   return functools.reduce(lambda node, name: node[name], path, tree)
 
@@ -117,13 +55,14 @@ def _names(path):
 
 @pytest.mark.parity
 def test_three_steps_match_torch_reference():
-  pytest.importorskip("torch")
+  torch = pytest.importorskip("torch")
+  import torch_reference  # pylint: disable=g-import-not-at-top  (needs torch)
   dim, hidden, k = 512, 256, 0.25
   config = _config(dim_hidden=hidden, k=k)
   rng = np.random.default_rng(0)
   data = (rng.normal(size=(8, 6, 6, dim)) + rng.normal(size=(6, 6, dim))).astype(np.float32)
   state = _state(config, dim, data)
-  torch_step, torch_variables = _torch_reference(state, k)
+  reference = torch_reference.Heads(jax.device_get(state.params), jax.device_get(state.center), k)
   step = jax.jit(train.make_train_step(config))
   params_before = jax.tree.map(np.asarray, state.params)
 
@@ -134,11 +73,13 @@ def test_three_steps_match_torch_reference():
   ever_noise, mean_shift = None, 0.0
   for i in range(3):
     ours_bias = np.asarray(_get(state.params, bias))
-    mean_shift = 0.9 * mean_shift + 0.1 * (ours_bias - _get(torch_variables()[0], bias))
+    mean_shift = 0.9 * mean_shift + 0.1 * (ours_bias - _get(reference.variables()[0], bias))
     batch = data[2 * i:2 * i + 2]
     state, metrics = step(state, batch, jax.random.key(i))
-    ref_losses, ref_grads = torch_step(batch)
-    for name, ref in ref_losses.items():
+    ref_metrics = reference.step(torch.tensor(batch))
+    ref_grads = reference.grads()
+    for name in ("loss_c", "loss_n", "loss_a", "loss"):
+      ref = ref_metrics[name]
       np.testing.assert_allclose(float(metrics[name]), ref, rtol=1e-5, err_msg=f"step {i} {name}")
     if i == 0:
       mu = dict(optax.tree_utils.tree_get_all_with_path(state.opt_state, "mu"))
@@ -166,7 +107,7 @@ def test_three_steps_match_torch_reference():
                                                   ref_grads["projector"], params_before["projector"]))
     noise = jax.tree.map(lambda g, r: np.abs(g) <= 1e-5 * np.abs(r).max(), seen, ref_grads)
     ever_noise = noise if ever_noise is None else jax.tree.map(np.logical_or, ever_noise, noise)
-    ref_params, ref_stats = torch_variables()
+    ref_params, ref_stats = reference.variables()
     params_before = ref_params
 
     ours_stats = state.batch_stats["discriminator"]["block0_bn"]
