@@ -21,44 +21,35 @@ run per process) with one pbas_jax epoch of R runs. Image decoding is left out o
 Prints `uptime` at the start and the end, the figures, and one JSON line last.
 """
 import argparse
-import json
 import time
 
 import jax
 import numpy as np
 
 import side_by_side
-from pbas_jax import experiment
+from pbas_jax import engine
 from pbas_jax import features as features_lib
-from pbas_jax import multirun
-from pbas_jax import train
+from pbas_jax import sharding
 
 
-def pbas_jax_engine(config, features):
-  """pbas_jax's training on cached features (N, H, W, D) as the main job runs it.
-
-  The one call into the training engine (point it at the new one of issue 11). Today:
-  `train.make_jit_train_step` + `train.train_epoch` for one run, `multirun`'s vmapped step for
-  `train.num_runs` > 1.
+def pbas_jax_engine(config, features, mesh):
+  """pbas_jax's training on cached features (N, H, W, D) as the main job runs it: the engine's
+  `train.num_runs` runs trained together, one epoch per call.
 
   Returns:
-    (state, epoch_fn, run0): the initial state (ABL centers built), `epoch_fn(state, epoch) ->
-    state` that trains one epoch (donating `state`) and returns once its metrics are on the host,
-    and run 0's initial (params, center) as numpy arrays for the reference side.
+    (states, epoch_fn, run0): the stacked initial states (ABL centers built), `epoch_fn(states,
+    epoch) -> states` that trains one epoch (donating `states`) and returns once its metrics are
+    on the host, and run 0's initial (params, center) as numpy arrays for the reference side.
   """
-  runs = multirun.runs_of(config)
-  states = [experiment.init_state(config, features, run.seed) for run in runs]
-  run0 = jax.device_get((states[0].params, states[0].center))
-  bs = config.dataset.batch_size
-  if len(runs) == 1:
-    step = train.make_jit_train_step(config)
-    return states[0], lambda state, epoch: train.train_epoch(
-        step, state, features, jax.random.key(epoch), bs)[0], run0
-  step = multirun.make_multirun_step(config)
-  hparams = multirun.hparams_of(runs)
-  return multirun.stack(states), lambda state, epoch: multirun.train_epoch(
-      step, state, features, jax.random.split(jax.random.key(epoch), len(runs)), bs,
-      hparams)[0], run0
+  runs = engine.runs_of(config)
+  states = engine.init_states(config, runs, features, mesh)
+  run0 = jax.device_get(jax.tree.map(lambda x: x[0], (states.params, states.center)))
+  trainer = engine.Trainer(config, runs, mesh)
+
+  def epoch_fn(states, epoch):
+    return trainer.train(states, features, epoch, 1)[0]
+
+  return states, epoch_fn, run0
 
 
 def reference_epochs(reference, run0, images: np.ndarray, config, epochs: int, device: str
@@ -97,8 +88,8 @@ def main():
   side_by_side.add_args(parser)
   parser.add_argument("--epochs", type=int, default=3, help="timed epochs after one that compiles")
   parser.add_argument("--runs", type=int, default=1, help="train.num_runs")
-  parser.add_argument("--compute_dtype", default=None, help="train.compute_dtype (default: "
-                      "the config's)")
+  parser.add_argument("--compute_dtype", default="float32", choices=("float32", "bfloat16"),
+                      help="train.compute_dtype")
   parser.add_argument("--reference_epochs", type=int, default=1)
   args = parser.parse_args()
   load_start = side_by_side.load()
@@ -106,11 +97,7 @@ def main():
 
   config = side_by_side.config_from(args)
   config.train.num_runs = args.runs
-  if args.compute_dtype:
-    if "compute_dtype" not in config.train:
-      raise SystemExit("--compute_dtype: this pbas_jax has no train.compute_dtype setting yet "
-                       "(issue 11 item 8)")
-    config.train.compute_dtype = args.compute_dtype
+  config.train.compute_dtype = args.compute_dtype
   with_reference = side_by_side.reference_wanted(args)
   images, _ = side_by_side.load_images(args, "train")
   n, bs = len(images), args.batch_size
@@ -118,15 +105,16 @@ def main():
 
   variables, reference, device = side_by_side.backbone(args, with_reference)
   b = config.backbone
+  mesh = sharding.make_mesh()
   extractor = features_lib.make_extractor(b.name, variables, tuple(b.layers), b.patch_size,
-                                          b.pretrain_dim, b.target_dim)
+                                          b.pretrain_dim, b.target_dim, mesh=mesh)
   side_by_side.extract(extractor, images[:bs], bs)  # compiles
   t = time.perf_counter()
   features = side_by_side.extract(extractor, images, bs)
   extract_s = time.perf_counter() - t
 
   t = time.perf_counter()
-  state, epoch_fn, run0 = pbas_jax_engine(config, features)
+  state, epoch_fn, run0 = pbas_jax_engine(config, features, mesh)
   jax.block_until_ready(state)
   init_s = time.perf_counter() - t
   times = []
@@ -141,7 +129,7 @@ def main():
       "dataset": args.dataset, "class": args.class_name, "images": n,
       "image_size": args.image_size, "backbone": b.name, "layers": list(b.layers),
       "dims": b.target_dim, "batch_size": bs, "steps_per_epoch": steps, "runs": args.runs,
-      "compute_dtype": config.train.get("compute_dtype", "float32"),
+      "compute_dtype": config.train.compute_dtype, "devices": jax.device_count(),
       "extraction_s": round(extract_s, 3), "extraction_images_per_s": round(n / extract_s, 2),
       "init_s_with_compile": round(init_s, 2), "first_epoch_s_with_compile": round(times[0], 2),
       "epoch_s": round(epoch_s, 4), "epoch_s_all": [round(x, 4) for x in times[1:]],
@@ -163,12 +151,7 @@ def main():
           f"agree to {result['reference']['features_relative_difference']:.1e} relative")
     print(f"ratio: {args.runs} reference epoch(s) / one pbas_jax epoch of {args.runs} run(s) = "
           f"{result['speedup']}x")
-  else:
-    why = "--no_reference" if args.no_reference else "torch not installed"
-    print(f"{why}: pbas_jax's figures only, no reference side")
-  result["load_start"], result["load_end"] = load_start, side_by_side.load()
-  print(f"end: {result['load_end']}")
-  print(json.dumps(result))
+  side_by_side.finish(result, args, load_start)
 
 
 if __name__ == "__main__":

@@ -7,9 +7,9 @@ The published settings by default (288x288, batch 8, WideResNet50 layers 2+3, 15
 class's test images, random backbone weights and freshly initialized heads (speed does not depend
 on their values; side_by_side.py says how both sides get the same ones).
 
-pbas_jax, after compiling: the jitted extractor, then per batch D's patch scores, image scores and
-the smoothed maps (`train.score_patches`, `inference.scores_and_maps`), fetched to the host; the
-two parts are timed one after the other and summed.
+pbas_jax, after compiling: the jitted extractor, then the main job's scoring (`inference.predict`:
+per batch D's patch scores, image scores and the smoothed maps, fetched to the host); the two
+parts are timed one after the other and summed.
 
 Reference (when torch is installed, in this process, on the same images): per batch, the authors'
 `_predict` (benchmarks/torch_reference.py): the whole torchvision forward, patch aggregation,
@@ -20,37 +20,27 @@ Image decoding is left out on both sides. Each side is timed `--runs` times over
 Prints `uptime` at the start and the end, the figures, and one JSON line last.
 """
 import argparse
-import functools
-import json
 import time
 
 import jax
-import numpy as np
 
 import side_by_side
 from pbas_jax import features as features_lib
 from pbas_jax import inference
+from pbas_jax import sharding
 from pbas_jax import train
 
 
-@functools.partial(jax.jit, static_argnames=("size", "sigma"))
-def score(state, features, size: int, sigma: float):
-  """Patch features (B, H, W, D) -> image scores (B,), pixel maps (B, size, size)."""
-  return inference.scores_and_maps(train.score_patches(state, features), size, sigma)
-
-
-def pbas_jax_pass(extractor, state, images, config) -> tuple[float, float, tuple]:
+def pbas_jax_pass(extractor, state, images, config, mesh) -> tuple[float, float, tuple]:
   """Seconds of extraction and of scoring over `images`, and the first batch's (scores, maps)."""
-  bs, size = config.eval.batch_size, config.dataset.image_size
-  sigma = float(config.eval.smoothing_sigma)
+  bs = config.eval.batch_size
   t = time.perf_counter()
   features = side_by_side.extract(extractor, images, bs)
   extract_s = time.perf_counter() - t
   t = time.perf_counter()
-  out = [jax.device_get(score(state, batch, size, sigma))
-         for batch, _ in side_by_side.padded_batches(features, bs)]
+  scores, maps = inference.predict(state, features, config, mesh)  # the main job's scoring
   score_s = time.perf_counter() - t
-  return extract_s, score_s, tuple(x[:min(bs, len(images))] for x in out[0])
+  return extract_s, score_s, (scores[:bs], maps[:bs])
 
 
 def reference_pass(reference, heads, torch_images, config, device) -> tuple[float, tuple]:
@@ -84,11 +74,12 @@ def main():
 
   variables, reference, device = side_by_side.backbone(args, with_reference)
   b = config.backbone
+  mesh = sharding.make_mesh()
   extractor = features_lib.make_extractor(b.name, variables, tuple(b.layers), b.patch_size,
-                                          b.pretrain_dim, b.target_dim)
+                                          b.pretrain_dim, b.target_dim, mesh=mesh)
   state = train.create_train_state(config, jax.random.key(0), b.target_dim)
-  pbas_jax_pass(extractor, state, images[:bs], config)  # compiles
-  passes = [pbas_jax_pass(extractor, state, images, config) for _ in range(args.runs)]
+  pbas_jax_pass(extractor, state, images[:bs], config, mesh)  # compiles
+  passes = [pbas_jax_pass(extractor, state, images, config, mesh) for _ in range(args.runs)]
   extract_s = side_by_side.median([p[0] for p in passes])
   score_s = side_by_side.median([p[1] for p in passes])
   total_s = side_by_side.median([p[0] + p[1] for p in passes])
@@ -122,12 +113,7 @@ def main():
           f"{result['reference']['scores_relative_difference']:.1e}, maps to "
           f"{result['reference']['maps_relative_difference']:.1e} relative")
     print(f"ratio: pbas_jax images/s / reference images/s = {result['speedup']}x")
-  else:
-    why = "--no_reference" if args.no_reference else "torch not installed"
-    print(f"{why}: pbas_jax's figures only, no reference side")
-  result["load_start"], result["load_end"] = load_start, side_by_side.load()
-  print(f"end: {result['load_end']}")
-  print(json.dumps(result))
+  side_by_side.finish(result, args, load_start)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ reference side runs that torch model. Without torch, pbas_jax's own random init 
 """
 import argparse
 import importlib.util
+import json
 import os
 import statistics
 import subprocess
@@ -96,6 +97,17 @@ def backbone(args, with_reference: bool):
   model = convert.torch_model(args.backbone, "random", seed=0)
   variables = convert.variables_from_torch(args.backbone, model)
   return variables, torch_reference.Backbone(model.to(device), args.layers.split(",")), device
+
+
+def finish(result: dict, args, load_start: str) -> None:
+  """Says why there is no reference side (if none), adds the load at the start and the end to
+  `result`, prints the end load and `result` as the JSON line last."""
+  if result.get("reference") is None and hasattr(args, "no_reference"):
+    why = "--no_reference" if args.no_reference else "torch not installed"
+    print(f"{why}: pbas_jax's figures only, no reference side")
+  result["load_start"], result["load_end"] = load_start, load()
+  print(f"end: {result['load_end']}")
+  print(json.dumps(result))
 
 
 def torch_setting(device: str) -> dict:

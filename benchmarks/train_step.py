@@ -20,8 +20,9 @@ import numpy as np
 import jax
 import jax.numpy as jnp
 
-from pbas_jax import center as center_lib
 from pbas_jax import config_base
+from pbas_jax import engine
+from pbas_jax import sharding
 from pbas_jax import train
 
 
@@ -42,15 +43,18 @@ def main():
   args = parser.parse_args()
 
   config = config_base.base_config()
-  key_state, key_feat, key_step = jax.random.split(jax.random.key(0), 3)
+  config.dataset.batch_size = args.batch
+  key_feat, key_step = jax.random.split(jax.random.key(0))
   shape = (args.batch, args.grid, args.grid, args.dim)
   features = jax.random.normal(key_feat, shape, jnp.float32)
-  state = train.create_train_state(config, key_state, args.dim)
-  batches = [features, features[::-1] * 0.5 + 0.1]
-  state = state.replace(center=center_lib.init_center(state.project, batches))
+  # The center bank as the main job builds it (ABL over two batches of these features).
+  mesh = sharding.make_mesh()
+  states = engine.init_states(config, engine.runs_of(config),
+                              jnp.concatenate([features, features[::-1] * 0.5 + 0.1]), mesh)
+  state = engine.unstack(states)[0]
   initial = jax.device_get((state.params, state.center))  # the step donates the state
 
-  step = train.make_jit_train_step(config)
+  step = jax.jit(train.make_train_step(config), donate_argnums=0)
   compiled = step.lower(state, features, key_step).compile()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
