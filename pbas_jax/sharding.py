@@ -143,18 +143,20 @@ def example_batch(local: np.ndarray, mesh: Mesh, n: int) -> jax.Array:
 def put(tree: Any, sharding: NamedSharding) -> Any:
   """Every array leaf of `tree` placed with `sharding`; a no-op for leaves already there.
 
-  Host (numpy) leaves hold the whole array, the same on every process (`global_batch` with all
-  rows); device leaves are moved or resharded with `jax.device_put`, except, with several
-  processes, arrays local to this process (the same on every process), which go through the host.
+  Host (numpy) leaves, scalars included, hold the whole array, the same on every process: each
+  device of this process gets its part (`jax.make_array_from_callback`). Device leaves are moved
+  or resharded with `jax.device_put`, except, with several processes, arrays local to this
+  process (the same on every process), which go through the host.
   """
   def place(x):
+    if isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+      # Placed as their raw data: device_put cannot reshard multi-process key arrays.
+      return jax.random.wrap_key_data(place(jax.random.key_data(x)), impl=jax.random.key_impl(x))
     if isinstance(x, jax.Array) and x.is_fully_addressable and jax.process_count() > 1:
-      if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
-        return jax.random.wrap_key_data(place(jax.random.key_data(x)),
-                                        impl=jax.random.key_impl(x))
       x = np.asarray(x)
-    if isinstance(x, np.ndarray):
-      return global_batch(x, sharding, x.shape[0]) if x.ndim else jax.device_put(x, sharding)
+    if isinstance(x, (np.ndarray, np.generic)):
+      x = np.asarray(x)
+      return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
     return jax.device_put(x, sharding)
 
   return jax.tree.map(place, tree)
