@@ -114,15 +114,15 @@ def _metrics(result: dict) -> dict:
 
 
 def train_variant(config, train_split, test, mesh, eval_every: int, label: str,
-                  on_eval=lambda: None) -> dict:
+                  on_eval=lambda partial: None) -> dict:
   """Trains `config`'s runs together and scores them every `eval_every` epochs and at the end.
 
   Returns:
     `{row: [per seed: [{"epoch": e, **metrics}, ...]]}`; rows are `label`, and with
     `train.param_ema > 0` also `label + "_ema"` (the same training scored with the averages;
     `label` is then scored with the raw parameters). Also `"seconds"`: training and scoring time.
+    `on_eval` gets the same dict, so far, after every evaluation.
   """
-  evaluate = inference.evaluate
   runs = engine.runs_of(config)
   epochs = config.train.epochs
   ema = config.train.param_ema > 0
@@ -137,15 +137,16 @@ def train_variant(config, train_split, test, mesh, eval_every: int, label: str,
     stop = min(epochs, epoch + eval_every - epoch % eval_every)
     t = time.time()
     states, per_epoch = trainer.train(states, features, epoch, stop - epoch)
-    seconds["train"] += time.time() - t
     t_train = time.time() - t
+    seconds["train"] += t_train
     t = time.time()
     for r, state in enumerate(engine.unstack(states)):
       if ema:
-        rows[f"{label}_ema"][r].append({"epoch": stop, **_metrics(evaluate(state, test, config,
-                                                                           mesh))})
+        rows[f"{label}_ema"][r].append(
+            {"epoch": stop, **_metrics(inference.evaluate(state, test, config, mesh))})
         state = state.replace(ema_params=None)
-      rows[label][r].append({"epoch": stop, **_metrics(evaluate(state, test, config, mesh))})
+      rows[label][r].append(
+          {"epoch": stop, **_metrics(inference.evaluate(state, test, config, mesh))})
     seconds["score"] += time.time() - t
     last = per_epoch[-1]
     means = {row: np.mean([seed[-1]["i_auroc"] for seed in v]) for row, v in rows.items()}
