@@ -226,14 +226,14 @@ def batches(source: Source, batch_size: int, *, seed: Optional[int] = None,
     prefetch: batches decoded ahead of the one being consumed.
 
   Yields:
-    dicts with the fields of `Source` stacked along a leading axis of B rows (or those of `rows`:
-    row j is row rows.start + j of the batch) (image (B, S, S, 3),
+    dicts with the fields of `Source` stacked along a leading axis of B rows (image (B, S, S, 3),
     mask (B, S, S), has_mask, label, index, defect_type and filename as numpy str arrays), plus
     valid: (B,) bool, False on padding rows (zero image and mask, label 0, index -1, "" strings).
+    With `rows`, only those: row j is row rows.start + j of the batch.
   """
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-  first, stop, _ = (rows or slice(0, batch_size)).indices(batch_size)
+  first, stop, _ = (slice(0, batch_size) if rows is None else rows).indices(batch_size)
   order = np.arange(len(source)) if indices is None else np.asarray(indices, np.int64).reshape(-1)
   if order.size and (order.min() < 0 or order.max() >= len(source)):
     raise ValueError(f"indices must lie in [0, {len(source)}) for {source.dataset}/"
