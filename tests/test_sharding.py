@@ -245,7 +245,9 @@ def test_two_processes_equal_one_device(tmp_path):
            "--config.backbone.pretrain_dim=64", "--config.backbone.target_dim=64",
            "--config.dataset.image_size=32", "--config.dataset.resize=32",
            "--config.model.disc_hidden=32", "--config.train.epochs=2",
-           "--config.dataset.batch_size=4", "--config.eval.batch_size=4",  # 2 rows per process
+           # Training batches of 4: 2 rows per process. Extraction batches of 3, padded to 4:
+           # rows 0-1 on process 0, row 2 and a padding row on process 1.
+           "--config.dataset.batch_size=4", "--config.eval.batch_size=3",
            "--config.eval.heatmaps=2", "--config.train.feature_cache=off"]
   base = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")
           and k != "CUDA_VISIBLE_DEVICES"}
@@ -311,7 +313,7 @@ def test_two_processes_equal_one_device(tmp_path):
   heatmaps = {p for p in outputs[0] if p.startswith("folder_part/heatmaps/")
               and not os.path.basename(p).startswith(".")}  # not the temporary files
   assert len(heatmaps) == 2 and all(p.endswith(".png") for p in heatmaps), heatmaps
-  own = {i: [k for k in range(6) if k % 4 // 2 == i] for i in range(2)}  # rows 2i, 2i + 1 of 4
+  own = {0: [0, 1, 3, 4], 1: [2, 5]}  # their rows of the batches [0, 1, 2] and [3, 4, 5]
   for i in range(2):
     for split in ("train", "test"):
       decoded = sorted(idx for s, idx in records[f"process{i}"]["decoded"] if s == split)
