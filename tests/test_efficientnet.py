@@ -14,10 +14,10 @@ from conftest import require
 from pbas_jax import backbones
 from pbas_jax.backbones import efficientnet
 from pbas_jax.backbones import weights as weights_lib
+from pbas_jax.data.preprocess import IMAGENET_MEAN
+from pbas_jax.data.preprocess import IMAGENET_STD
 
 NAME = efficientnet.NAME
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 
 
 @pytest.fixture(scope="module")

@@ -73,11 +73,11 @@ class Counting:
     self.extractor, self.delay, self.batches = extractor, delay, 0
     self.lock = threading.Lock()
 
-  def __call__(self, images):
+  def __call__(self, images, **kwargs):
     with self.lock:
       self.batches += 1
     time.sleep(self.delay)
-    return self.extractor(images)
+    return self.extractor(images, **kwargs)
 
 
 def _batches(n: int, config) -> int:

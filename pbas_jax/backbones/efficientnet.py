@@ -30,6 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pbas_jax.data import preprocess
+
 NAME = "efficientnet_lite0"
 LEVELS = ("blocks0", "blocks1", "blocks2", "blocks4", "blocks6", "logits")
 
@@ -41,8 +43,6 @@ STAGES = (("ds", 1, 3, 1, 1, 16), ("ir", 2, 3, 2, 6, 24), ("ir", 2, 5, 2, 6, 40)
 _STEM, _HEAD, _CLASSES = 32, 1280, 1000
 
 # Our images arrive as (raw - mean) / std; the weights want (raw - 0.5) / 0.5.
-_IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-_IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 _WEIGHTS_MEAN = _WEIGHTS_STD = 0.5
 
 
@@ -118,8 +118,8 @@ class EfficientNetLite0(nn.Module):
       raise ValueError(f"EfficientNet-Lite0 expects NHWC images (B, H, W, 3); got {x.shape}.")
     deepest = max(self.layers, key=LEVELS.index)
     last_stage = len(STAGES) - 1 if deepest == "logits" else int(deepest.removeprefix("blocks"))
-    x = (x * (_IMAGENET_STD / _WEIGHTS_STD)
-         + (_IMAGENET_MEAN - _WEIGHTS_MEAN) / _WEIGHTS_STD).astype(x.dtype)
+    x = (x * (preprocess.IMAGENET_STD / _WEIGHTS_STD)
+         + (preprocess.IMAGENET_MEAN - _WEIGHTS_MEAN) / _WEIGHTS_STD).astype(x.dtype)
     x = nn.relu6(_bn("bn1")(_conv(_STEM, 3, 2, "conv_stem")(x)))
     outputs = {}
     for stage, (kind, repeats, kernel, strides, expansion, features) in enumerate(

@@ -167,7 +167,8 @@ def mask_rule(dataset: str, mask_mode: str) -> str:
     return "binary"
   if mask_mode == "reference":
     return "positive" if dataset == "visa" else "exact"
-  raise ValueError(f"dataset.mask_mode={mask_mode!r} is not valid; choose one of {MASK_MODES}")
+  raise ValueError(f"dataset.mask_mode={mask_mode!r} is not valid; choose one of "
+                   f"{' or '.join(MASK_MODES)}")
 
 
 def load_image(path: Union[str, os.PathLike], geo: Geometry) -> np.ndarray:
