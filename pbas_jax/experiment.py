@@ -7,9 +7,8 @@ per epoch in `curves`); scores and maps of the reported state (`inference`); met
 the results rows (`report`). Checkpoints make the run resumable: the same command continues from
 the latest checkpoint and skips finished classes.
 
-Everything runs on a device mesh (one device is a one-device mesh). Several runs of a class
-(`train.num_runs` seeds x `train.k_values` alphas) train together, each reported as if run alone,
-in `<class>/<run name>/`. Only process 0 writes results, curves and heatmaps.
+On a device mesh (one device: a one-device mesh), the runs of a class (`train.num_runs` seeds x
+`train.k_values` alphas) train together, each reported as if alone, in `<class>/<run name>/`.
 """
 import dataclasses
 import json
@@ -137,8 +136,7 @@ def train_runs(config: ml_collections.ConfigDict, class_dir: str,
 
 def run_class(config: ml_collections.ConfigDict, workdir: str, class_name: str, extractor,
               notes: list[str], mesh: jax.sharding.Mesh) -> list[dict]:
-  """Prepare, extract, train (or load), evaluate and report one class; returns its results rows,
-  one per run of `engine.runs_of(config)` (each with its `seed`, `run` and `alpha`)."""
+  """Prepare, extract, train (or load), evaluate and report one class: a results row per run."""
   class_dir = os.path.join(workdir, f"{config.dataset.name}_{class_name}")
   results_path = os.path.join(class_dir, "results.json")
   runs = engine.runs_of(config)
@@ -183,8 +181,10 @@ def run_class(config: ml_collections.ConfigDict, workdir: str, class_name: str, 
       model.save(epoch, state, {"config_hash": chash, "epoch": epoch})
 
   # Throughput of inference alone (backbone, heads, maps) on one batch, after compilation.
-  images = next(data.batches(test_src, config.eval.batch_size))["image"]
-  images_per_s = inference.images_per_second(extractor, trained[0][0], images, config, mesh)
+  bs = config.eval.batch_size  # each process decodes only its rows of the batch
+  images = next(data.batches(test_src, bs, rows=sharding.example_rows(mesh, bs), prefetch=0))
+  images_per_s = inference.images_per_second(extractor, trained[0][0], images["image"], bs,
+                                             config, mesh)
   if len(runs) > 1:
     notes.append(f"{class_name}: {len(runs)} runs trained together; wall_time_s = the class's / R")
   if config.eval.selection == "test_oracle":

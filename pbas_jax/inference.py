@@ -156,17 +156,19 @@ def evaluate(state: train.TrainState, split, config: ml_collections.ConfigDict,
   return metrics_lib.compute_all(scores, split.labels, maps, split.masks, config.eval.pro_variant)
 
 
-def images_per_second(extractor, state: train.TrainState, images: np.ndarray,
+def images_per_second(extractor, state: train.TrainState, images: np.ndarray, batch: int,
                       config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> float:
-  """Inference throughput from preprocessed images `(B, S, S, 3)`: backbone, heads and maps,
-  measured on a second pass, after compilation."""
+  """Inference throughput on a batch of `batch` images: backbone, heads and maps, measured on a
+  second pass, after compilation. `images` are this process's rows of the batch
+  (`sharding.example_rows`; all of them with one process), preprocessed `(B, S, S, 3)`."""
   def run():
-    return jax.block_until_ready(predict(state, extractor(images), config, mesh))
+    features = extractor(images, global_rows=batch)
+    return jax.block_until_ready(predict(state, features, config, mesh))
 
   run()  # compiles
   t0 = time.perf_counter()
   run()
-  return len(images) / (time.perf_counter() - t0)
+  return batch / (time.perf_counter() - t0)
 
 
 # ---------------------------------------------------------------------------------------------
