@@ -1,5 +1,4 @@
 """resize_mode on non-square images: stretch keeps every defect, crop reports what it removes."""
-import numpy as np
 import pytest
 
 import data_trees

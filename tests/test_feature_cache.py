@@ -19,7 +19,6 @@ import data_trees
 from pbas_jax import backbones
 from pbas_jax import config_base
 from pbas_jax import data
-from pbas_jax import experiment
 from pbas_jax import feature_cache
 from pbas_jax import features as features_lib
 from pbas_jax import report

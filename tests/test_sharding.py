@@ -16,7 +16,6 @@ from pbas_jax import backbones
 from pbas_jax import config_base
 from pbas_jax import data
 from pbas_jax import engine
-from pbas_jax import experiment
 from pbas_jax import features as features_lib
 from pbas_jax import inference
 from pbas_jax import sharding

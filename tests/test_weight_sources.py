@@ -18,7 +18,6 @@ import safetensors.numpy
 from conftest import require
 from pbas_jax import backbones
 from test_resnet_parity import assert_layer2_layer3_match
-from pbas_jax.backbones import weights as weights_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 BLOCKED = ("torch", "torchvision", "timm")
