@@ -3,8 +3,9 @@ r"""Paper-style tables of a sweep: per-class rows and a mean row, mean +- std ov
     python -m launch.aggregate --sweep_dir=runs/mvtec_seeds
 
 reads every finished task's `results.json` (the tasks are listed in `<sweep_dir>/sweep.json`),
-groups the rows by dataset, the sweep's overrides except class and seed, the rows' anomaly degree
-`alpha` (runs of `train.k_values` share a task) and the model-selection protocol, and writes
+groups the rows by dataset, the sweep's overrides except class and seed (and `train.num_runs`,
+`train.k_values`: the runs a task trains together, each reported as its own row with its `seed`
+and `alpha`), the rows' anomaly degree `alpha` and the model-selection protocol, and writes
 `<sweep_dir>/results.md` and `<sweep_dir>/results.csv`. A class row is the mean +- sample std
 (n-1) over its seeds; the mean row first averages the classes within each seed (as a single run's
 mean row does), then gives mean +- std of those per-seed means; different alphas are never
@@ -28,7 +29,8 @@ from launch import spec
 from pbas_jax import fileio
 from pbas_jax import report
 
-_EXCLUDED = (spec.CLASS_KEY, spec.SEED_KEY)
+# Not settings: which class, and which runs (seeds, alphas) a task trains; every row names its own.
+_EXCLUDED = (spec.CLASS_KEY, spec.SEED_KEY, *spec.RUN_KEYS)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -5,11 +5,15 @@ A sweep file defines `get_sweep()` returning a list of override dicts, usually b
 
     from launch.spec import product
     def get_sweep():
-      return product(classes=["bottle", "screw"], seeds=[0, 1, 2], **{"model.k": [0.25, 0.3]})
+      return product(classes=["bottle", "screw"], **{"train.num_runs": [3],
+                                                     "train.k_values": [(0.25, 0.3)]})
 
 Each dict is one task: one `python -m pbas_jax.main --config=... --workdir=<sweep_dir>/<name>
---config.<key>=<value> ...` run, named from its overrides: `<class>/seed<s>_k<v>` (`all` when the
-sweep does not set the class, `default` when it sets nothing else). `sweep.json` in the sweep dir
+--config.<key>=<value> ...` run, named from its overrides: `<class>/num_runs3_k_values0.25+0.3`
+(`all` when the sweep does not set the class, `default` when it sets nothing else). Vary across
+tasks what changes the compiled program (class, backbone, image size, ablation switches) and put
+seeds and alphas inside a task (`RUN_KEYS`): its runs then share one compilation and one feature
+cache (a `seeds=[...]` or `model.k` axis still works, one process per value). `sweep.json` in the sweep dir
 lists every task launched into it; a task is finished when its workdir holds results.json, failed
 when its last run's `<log>.exit` is non-zero. `launch.local` and `launch.slurm_backend` run tasks,
 `launch.sweep` is the command line, `launch.aggregate` tabulates the results.
@@ -28,6 +32,9 @@ from pbas_jax import fileio
 
 CLASS_KEY = "dataset.classes"
 SEED_KEY = "train.seed"
+# The runs one task trains together on one compiled program (seeds from `train.seed` up, alphas):
+# a sweep puts them inside a task and varies across tasks only what changes the program.
+RUN_KEYS = ("train.num_runs", "train.k_values")
 # Short axis names `product` (and raw sweep dicts) accept for the two keys every sweep uses.
 ALIASES = {"classes": CLASS_KEY, "seeds": SEED_KEY}
 MAIN_MODULE = "pbas_jax.main"

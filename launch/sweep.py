@@ -1,9 +1,11 @@
 r"""Sweeps: many runs of the main job (classes x seeds x hyperparameters) on SLURM or locally.
 
-A sweep file defines `get_sweep()`, usually `return product(classes=[...], seeds=[...], ...)`
-with `from launch.spec import product`; `launch.spec` describes the format and how tasks are
-named. Each task is one run of `python -m pbas_jax.main` in `<sweep_dir>/<name>`. Arguments
-after `--` go to every task unchanged (e.g. `-- --config.dataset.root=/data/mvtec`).
+A sweep file defines `get_sweep()`, usually `return product(classes=[...], **{"train.num_runs":
+[3]})` with `from launch.spec import product`; `launch.spec` describes the format and how tasks are
+named. Each task is one run of `python -m pbas_jax.main` in `<sweep_dir>/<name>`, training its
+seeds and alphas together (`train.num_runs`, `train.k_values`). Arguments after `--` go to every
+task unchanged (e.g. `-- --config.dataset.root=/data/mvtec`). Locally, `--parallel=4
+--devices_per_task=2` runs 4 tasks at once on 2 GPUs each (`launch.local`).
 
     python -m launch.sweep --config=configs/mvtec.py --sweep=launch/sweeps/mvtec_seeds.py \
         --sweep_dir=runs/mvtec_seeds --backend=slurm --partition=gpu --time=04:00:00 \
@@ -45,6 +47,9 @@ def _define_flags() -> dict[str, flags.FlagHolder]:
       "backend": flags.DEFINE_enum("backend", "slurm", ["slurm", "local"],
                                    "slurm: one sbatch job array; local: subprocesses here."),
       "parallel": flags.DEFINE_integer("parallel", 1, "local: tasks run at once."),
+      "devices_per_task": flags.DEFINE_integer(
+          "devices_per_task", 0, "local: GPUs of each parallel task, from the visible ones "
+          "(CUDA_VISIBLE_DEVICES per worker slot); 0 = every task sees all."),
       "partition": flags.DEFINE_string("partition", "", "slurm: partition ('' = default)."),
       "time": flags.DEFINE_string("time", "", "slurm: time limit per task, e.g. 04:00:00."),
       "cpus_per_task": flags.DEFINE_integer("cpus_per_task", 1, "slurm: CPUs per task."),
@@ -62,7 +67,7 @@ def _define_flags() -> dict[str, flags.FlagHolder]:
 
 
 def launch(sweep_file: str, *, config: str, sweep_dir: str, backend: str,
-           extra_args: Sequence[str] = (), parallel: int = 1,
+           extra_args: Sequence[str] = (), parallel: int = 1, devices_per_task: int = 0,
            resources: slurm_backend.Resources = slurm_backend.Resources(),
            python: str = sys.executable, dry_run: bool = False, wait: bool = False,
            module: str = spec.MAIN_MODULE) -> int:
@@ -70,7 +75,13 @@ def launch(sweep_file: str, *, config: str, sweep_dir: str, backend: str,
 
   With the local backend the tasks run before it returns; with SLURM they are submitted as one
   job array (and waited for with `wait`). Failed or unfinished tasks are listed with their logs.
+  `parallel` and `devices_per_task` are the local backend's (`local.slot_envs`).
   """
+  if backend != "local" and devices_per_task:
+    raise spec.SweepError("--devices_per_task is for --backend=local; on SLURM ask for each "
+                          "task's GPUs with --gpus_per_task")
+  if backend == "local":
+    local.slot_envs(parallel, devices_per_task)  # bad device settings fail before anything runs
   tasks = spec.make_tasks(spec.load_sweep(sweep_file), config=config, sweep_dir=sweep_dir,
                           extra_args=extra_args, python=python, module=module)
   done = [t for t in tasks if t.results.exists()]
@@ -90,7 +101,7 @@ def launch(sweep_file: str, *, config: str, sweep_dir: str, backend: str,
   if backend == "local":
     if dry_run:
       return 0
-    local.run_local(todo, parallel)
+    local.run_local(todo, parallel, devices_per_task)
   else:
     job_id, submit_dir = slurm_backend.submit_slurm(todo, sweep_dir=sweep_dir, resources=resources,
                                                     python=python, dry_run=dry_run)
@@ -118,6 +129,7 @@ def main(argv, f: dict[str, flags.FlagHolder]):
   try:
     code = launch(f["sweep"].value, config=f["config"].value, sweep_dir=f["sweep_dir"].value,
                   backend=f["backend"].value, extra_args=argv[1:], parallel=f["parallel"].value,
+                  devices_per_task=f["devices_per_task"].value,
                   resources=resources, python=f["python"].value, dry_run=f["dry_run"].value,
                   wait=f["wait"].value)
   except spec.SweepError as e:

@@ -16,31 +16,47 @@ import numpy as np
 import pytest
 
 from launch import aggregate
+from launch import local
 from launch import slurm_backend
 from launch import spec
 from launch import sweep
 from pbas_jax import report
+from pbas_jax.data.builders import CLASSES
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = "configs/mpdd.py:smoke"
 
 # A stand-in for pbas_jax.main: writes <workdir>/results.json with metrics made from the seed,
-# alpha and class (one row per class and alpha of `train.k_values`, else of `model.k`), or fails
-# like an unknown config key does.
+# alpha and class (one row per class, alpha of `train.k_values` (else `model.k`) and seed of
+# `train.seed .. + train.num_runs - 1`, as the engine's runs), or fails like an unknown config key
+# does. With $FAKE_LOCKS set it holds a lock file per GPU of its CUDA_VISIBLE_DEVICES while it
+# runs and fails if another task holds one of them.
 FAKE_MAIN = '''
-import json, os, sys
+import json, os, sys, time
 args = dict(a[2:].split("=", 1) for a in sys.argv[1:])
 over = {k[len("config."):]: v for k, v in args.items() if k.startswith("config.")}
 print("fake main", over)
+print("env", os.environ.get("CUDA_VISIBLE_DEVICES"), os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE"))
 if "model.bogus" in over:
   sys.exit("KeyError: 'bogus' is not a key of config.model")
-seed = int(over.get("train.seed", 0))
+if os.environ.get("FAKE_LOCKS"):
+  locks = [os.path.join(os.environ["FAKE_LOCKS"], "gpu" + d)
+           for d in os.environ["CUDA_VISIBLE_DEVICES"].split(",")]
+  for lock in locks:
+    os.close(os.open(lock, os.O_CREAT | os.O_EXCL))  # FileExistsError: a GPU shared by two tasks
+  time.sleep(0.5)
+  for lock in locks:
+    os.remove(lock)
+first = int(over.get("train.seed", 0))
+seeds = range(first, first + int(over.get("train.num_runs", 1)))
 alphas = over.get("train.k_values", over.get("model.k", "0.25")).strip("()").split(",")
-rows = [{"dataset": "mpdd", "class": c, "seed": seed, "alpha": float(alpha),
-         "i_auroc": 0.5 + 0.1 * seed + float(alpha), "i_ap": 0.6, "p_auroc": 0.7,
+runs = [(float(alpha), seed) for alpha in alphas for seed in seeds]
+rows = [{"dataset": "mpdd", "class": c, "seed": seed, "run": r, "alpha": alpha,
+         "i_auroc": 0.5 + 0.1 * seed + alpha, "i_ap": 0.6, "p_auroc": 0.7,
          "p_ap": 0.1 * (i + 1), "p_pro": None, "pro_variant": "standard", "epoch": 3,
          "selection": "last", "wall_time_s": 1.0, "images_per_s": 2.0}
-        for alpha in alphas for i, c in enumerate(over.get("dataset.classes", "x,y").split(","))]
+        for i, c in enumerate(over.get("dataset.classes", "x,y").split(","))
+        for r, (alpha, seed) in enumerate(runs)]
 os.makedirs(args["workdir"], exist_ok=True)
 with open(os.path.join(args["workdir"], "results.json"), "w") as f:
   json.dump({"rows": rows, "mean": {}, "selection": "last", "notes": []}, f)
@@ -115,12 +131,26 @@ def test_sweep_file_without_get_sweep(tmp_path):
     spec.load_sweep(path)
 
 
-def test_example_sweeps_expand():
-  sizes = {"mvtec_seeds": 45, "alpha_curve": 90, "smoke": 3}
-  for name, size in sizes.items():
-    tasks = spec.load_sweep(REPO / "launch" / "sweeps" / f"{name}.py")
-    assert len(tasks) == size and len({json.dumps(t, sort_keys=True) for t in tasks}) == size
-  assert {t["model.k"] for t in spec.load_sweep(REPO / "launch/sweeps/alpha_curve.py")} >= {0.25, 0.3}
+def test_example_sweeps_put_seeds_and_alphas_inside_a_task():
+  """Tasks differ only in what changes the compiled program; seeds and alphas are runs of one."""
+  sweeps = {name: spec.load_sweep(REPO / "launch" / "sweeps" / f"{name}.py")
+            for name in ("mvtec_seeds", "alpha_curve", "smoke")}
+  mvtec = sorted(CLASSES["mvtec"])
+  assert sorted(t[spec.CLASS_KEY] for t in sweeps["mvtec_seeds"]) == mvtec
+  assert all(t["train.num_runs"] == 3 for t in sweeps["mvtec_seeds"])
+  assert sorted(t[spec.CLASS_KEY] for t in sweeps["alpha_curve"]) == mvtec
+  for task in sweeps["alpha_curve"]:
+    assert len(task["train.k_values"]) == 6 and {0.25, 0.3} <= set(task["train.k_values"])
+  assert [t["train.num_runs"] for t in sweeps["smoke"]] == [3, 3]
+  for name, tasks in sweeps.items():
+    assert len({json.dumps(t, sort_keys=True) for t in tasks}) == len(tasks), name
+    varying = {k for k in {k for t in tasks for k in t}
+               if len({json.dumps(t.get(k)) for t in tasks}) > 1}
+    assert not varying & {spec.SEED_KEY, "model.k", *spec.RUN_KEYS}, (name, varying)
+    # Each task's command line trains its runs: `--config.train.k_values=(0.1, ...)` etc.
+    (task, *_) = spec.make_tasks(tasks, config=str(REPO / CONFIG), sweep_dir="/sw")
+    for key in set(spec.RUN_KEYS) & set(task.overrides):
+      assert f"--config.{key}={spec.format_value(task.overrides[key])}" in task.argv
 
 
 def test_task_names():
@@ -269,15 +299,23 @@ def test_local_backend_reports_the_failed_task_and_its_log(tmp_path, fake_main, 
   assert "2 finished (skipped), 0 queued or running (skipped), 1 to run" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("axes, extra_args, settings", [
-    # Each task trains both alphas together: its rows differ only in alpha.
-    ("", ["--config.train.k_values=0.1,0.3"], [(), ()]),
-    # One alpha per task, swept.
-    (", **{'model.k': [0.1, 0.3]}", [], [(("model.k", 0.1),), (("model.k", 0.3),)]),
+@pytest.mark.parametrize("body, extra_args, settings, seeds", [
+    # The shipped sweeps' way: one task trains both seeds and both alphas (4 runs).
+    ("product(classes=['a'], **{'train.num_runs': [2], 'train.k_values': [(0.1, 0.3)]})", [],
+     [(), ()], (0, 1)),
+    # One task of 3 seeds, from seed 5, both alphas given to every task.
+    ("product(classes=['a'], seeds=[5], **{'train.num_runs': [3]})",
+     ["--config.train.k_values=0.1,0.3"], [(), ()], (5, 6, 7)),
+    # One process per seed, each training both alphas.
+    ("product(classes=['a'], seeds=[0, 1])", ["--config.train.k_values=0.1,0.3"], [(), ()],
+     (0, 1)),
+    # One process per seed and alpha.
+    ("product(classes=['a'], seeds=[0, 1], **{'model.k': [0.1, 0.3]})", [],
+     [(("model.k", 0.1),), (("model.k", 0.3),)], (0, 1)),
 ])
-def test_local_sweep_over_two_alphas_aggregates_into_one_table(tmp_path, fake_main, axes,
-                                                               extra_args, settings):
-  sweep_file = _write_sweep(tmp_path, f"product(classes=['a'], seeds=[0, 1]{axes})")
+def test_local_sweep_over_two_alphas_aggregates_into_one_table(tmp_path, fake_main, body,
+                                                               extra_args, settings, seeds):
+  sweep_file = _write_sweep(tmp_path, body)
   sweep_dir = tmp_path / "sw"
   assert sweep.launch(str(sweep_file), config=CONFIG, sweep_dir=str(sweep_dir), backend="local",
                       extra_args=extra_args, module=fake_main) == 0
@@ -285,19 +323,96 @@ def test_local_sweep_over_two_alphas_aggregates_into_one_table(tmp_path, fake_ma
   n = len(spec.read_manifest(sweep_dir))
   assert status == f"{n} of {n} tasks finished, 0 failed, 0 without a result"
   assert [(g.setting, g.alpha) for g in groups] == [(settings[0], 0.1), (settings[1], 0.3)]
-  for g in groups:  # fake i_auroc: 0.5 + 0.1 seed + alpha, over seeds 0 and 1 of this alpha only
+  for g in groups:  # fake i_auroc: 0.5 + 0.1 seed + alpha, over the seeds of this alpha only
     for stats in (*g.classes, g.mean):
-      assert stats.seeds == (0, 1)
+      assert stats.seeds == seeds
       mean, std = stats.metrics["i_auroc"]
-      assert mean == pytest.approx(0.55 + g.alpha)
-      assert std == pytest.approx(np.std([0, 0.1], ddof=1))
+      assert mean == pytest.approx(0.5 + 0.1 * np.mean(seeds) + g.alpha)
+      assert std == pytest.approx(0.1 * np.std(seeds, ddof=1))
   md = (sweep_dir / "results.md").read_text()
   assert md.count("## ") == 3  # the summary and one table per alpha
   assert " · alpha=0.1 (selection last" in md and " · alpha=0.3 (selection last" in md
+  assert "num_runs" not in md and "k_values" not in md  # runs of a task are not a setting
   with open(sweep_dir / "results.csv") as f:
     means = [(r["alpha"], r["i_auroc"], r["n_seeds"]) for r in csv.DictReader(f)
              if r["class"] == "mean"]
-  assert means == [("0.1", "65.0", "2"), ("0.3", "85.0", "2")]
+  assert means == [(str(alpha), f"{100 * (0.5 + 0.1 * np.mean(seeds) + alpha):.1f}",
+                    str(len(seeds))) for alpha in (0.1, 0.3)]
+
+
+def test_tasks_split_over_seed_ranges_aggregate_together(tmp_path, fake_main):
+  """Two tasks of 2 runs each (seeds 0-1 and 2-3) give one table over 4 seeds; two tasks with
+  overlapping seeds are refused, naming both results."""
+  sweep_file = _write_sweep(tmp_path, "product(classes=['a', 'b'], seeds=[0, 2], "
+                                      "**{'train.num_runs': [2]})")
+  sweep_dir = tmp_path / "sw"
+  assert sweep.launch(str(sweep_file), config=CONFIG, sweep_dir=str(sweep_dir), backend="local",
+                      module=fake_main) == 0
+  (group,) = aggregate.aggregate(sweep_dir)[0]
+  assert group.setting == () and group.alpha == 0.25
+  assert [(s.name, s.seeds) for s in group.classes] == [("a", (0, 1, 2, 3)), ("b", (0, 1, 2, 3))]
+  assert group.mean.metrics["i_auroc"] == (pytest.approx(0.5 + 0.15 + 0.25),
+                                           pytest.approx(0.1 * np.std(range(4), ddof=1)))
+  overlap = _write_sweep(tmp_path, "product(classes=['a'], seeds=[1], **{'train.num_runs': [2]})")
+  assert sweep.launch(str(overlap), config=CONFIG, sweep_dir=str(sweep_dir), backend="local",
+                      module=fake_main) == 0
+  with pytest.raises(spec.SweepError, match="two results for mpdd/a seed 1"):
+    aggregate.aggregate(sweep_dir)
+
+
+@pytest.mark.parametrize("environ, parallel, per_task, expected", [
+    ({}, 1, 0, [{}]),  # one worker: the environment as it is
+    ({}, 2, 0, [{"XLA_PYTHON_CLIENT_PREALLOCATE": "false"}] * 2),
+    ({"XLA_PYTHON_CLIENT_MEM_FRACTION": ".2"}, 2, 0, [{}, {}]),  # the user's own setting
+    ({"CUDA_VISIBLE_DEVICES": "4,5,6,7"}, 2, 2,
+     [{"CUDA_VISIBLE_DEVICES": "4,5", "XLA_PYTHON_CLIENT_PREALLOCATE": "false"},
+      {"CUDA_VISIBLE_DEVICES": "6,7", "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}]),
+    ({"CUDA_VISIBLE_DEVICES": "0,1,2", "XLA_PYTHON_CLIENT_PREALLOCATE": "true"}, 3, 1,
+     [{"CUDA_VISIBLE_DEVICES": "0"}, {"CUDA_VISIBLE_DEVICES": "1"},
+      {"CUDA_VISIBLE_DEVICES": "2"}]),
+    ({"CUDA_VISIBLE_DEVICES": "GPU-a,GPU-b"}, 1, 1, [{"CUDA_VISIBLE_DEVICES": "GPU-a"}]),
+])
+def test_slot_envs_give_each_worker_its_own_gpus(environ, parallel, per_task, expected):
+  assert local.slot_envs(parallel, per_task, environ) == expected
+
+
+def test_slot_envs_refuse_what_the_gpus_cannot_hold(monkeypatch, tmp_path):
+  with pytest.raises(spec.SweepError, match=r"needs 6 GPUs, 4 are visible \(0,1,2,3\); lower "
+                                            r"--parallel to 2"):
+    local.slot_envs(3, 2, {"CUDA_VISIBLE_DEVICES": "0,1,2,3"})
+  with pytest.raises(spec.SweepError, match="--parallel=0"):
+    local.slot_envs(0)
+  monkeypatch.setenv("PATH", str(tmp_path))  # no nvidia-smi
+  with pytest.raises(spec.SweepError, match="no GPU found.*set CUDA_VISIBLE_DEVICES"):
+    local.slot_envs(1, 1, {"PATH": str(tmp_path)})
+  _executable(tmp_path / "nvidia-smi", "#!/bin/sh\nprintf '0\\n1\\n'\n")  # two GPUs
+  assert local.slot_envs(2, 1, {}) == [
+      {"CUDA_VISIBLE_DEVICES": "0", "XLA_PYTHON_CLIENT_PREALLOCATE": "false"},
+      {"CUDA_VISIBLE_DEVICES": "1", "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}]
+  with pytest.raises(spec.SweepError, match="--devices_per_task is for --backend=local"):
+    sweep.launch("unused.py", config=CONFIG, sweep_dir=str(tmp_path), backend="slurm",
+                 devices_per_task=1)
+
+
+def test_local_workers_never_share_a_gpu(tmp_path, fake_main, monkeypatch, capsys):
+  """4 tasks, 2 at a time on 1 GPU each of 2: each task sees one GPU and no other running task
+  holds it (the fake main fails on a GPU another task holds)."""
+  (tmp_path / "locks").mkdir()
+  monkeypatch.setenv("FAKE_LOCKS", str(tmp_path / "locks"))
+  monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+  monkeypatch.delenv("XLA_PYTHON_CLIENT_PREALLOCATE", raising=False)
+  monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)
+  sweep_file = _write_sweep(tmp_path, "product(classes=['a', 'b', 'c', 'd'])")
+  sweep_dir = tmp_path / "sw"
+  assert sweep.launch(str(sweep_file), config=CONFIG, sweep_dir=str(sweep_dir), backend="local",
+                      parallel=2, devices_per_task=1, module=fake_main) == 0, \
+      capsys.readouterr().out
+  out = capsys.readouterr().out
+  assert "worker slot 0: CUDA_VISIBLE_DEVICES=0 XLA_PYTHON_CLIENT_PREALLOCATE=false" in out
+  assert "worker slot 1: CUDA_VISIBLE_DEVICES=1 XLA_PYTHON_CLIENT_PREALLOCATE=false" in out
+  seen = [(sweep_dir / "logs" / c / "default.out").read_text().splitlines()[1] for c in "abcd"]
+  assert set(seen) <= {"env 0 false", "env 1 false"} and len(set(seen)) == 2, seen
+  assert not list((tmp_path / "locks").iterdir())
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""A real single-node SLURM cluster runs the 3-task smoke sweep with the real main job.
+"""A real single-node SLURM cluster runs the smoke sweep (2 tasks of 3 runs) with the real main job.
 
 Starts munged, slurmctld and slurmd (launch.slurm), submits launch/sweeps/smoke.py with
 configs/mpdd.py:smoke on the real MPDD class through sbatch, waits for the array, aggregates the
@@ -25,7 +25,7 @@ from pbas_jax import report
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-# Three smoke runs of a few seconds each after start-up, one at a time on a small machine.
+# Two smoke tasks (full PBAS, ABL alone) of 3 runs each, one at a time on a small machine.
 SWEEP_TIMEOUT_S = 900
 
 
@@ -69,50 +69,52 @@ def test_smoke_sweep_on_slurm(cluster, mpdd_root, tmp_path):
 
   first = _run(command, env, timeout=SWEEP_TIMEOUT_S)
   assert first.returncode == 0, f"{first.stdout}\n{first.stderr}\n{_logs(sweep_dir)}"
-  assert "3 tasks; 0 finished (skipped), 0 queued or running (skipped), 3 to run" in first.stdout
+  assert "2 tasks; 0 finished (skipped), 0 queued or running (skipped), 2 to run" in first.stdout
   assert "submitted job array" in first.stdout
-  assert "3 of 3 tasks finished, 0 failed" in first.stdout
+  assert "2 of 2 tasks finished, 0 failed" in first.stdout
   (submit_dir,) = (sweep_dir / "submit").iterdir()
   assert sorted(p.name for p in submit_dir.glob("slurm-*.out")) == [
-      f"slurm-{(submit_dir / 'job_id').read_text().strip()}_{i}.out" for i in range(3)]
+      f"slurm-{(submit_dir / 'job_id').read_text().strip()}_{i}.out" for i in range(2)]
 
+  # Each task trained its 3 seeds together: one row per run.
+  names = {"True": "num_runs3", "False": "num_runs3_rboFalse_scoringcenter_distance"}
   rows = {}
-  for seed in range(3):
-    results = json.loads((sweep_dir / "metal_plate" / f"seed{seed}" / "results.json").read_text())
-    (row,) = results["rows"]
-    assert (row["dataset"], row["class"], row["seed"]) == ("mpdd", "metal_plate", seed)
-    rows[seed] = row
+  for rbo, name in names.items():
+    results = json.loads((sweep_dir / "metal_plate" / name / "results.json").read_text())
+    assert [(r["dataset"], r["class"], r["seed"], r["run"]) for r in results["rows"]] == [
+        ("mpdd", "metal_plate", seed, seed) for seed in range(3)]
+    rows[rbo] = results["rows"]
 
   agg = _run(["-m", "launch.aggregate", f"--sweep_dir={sweep_dir}"], env)
   assert agg.returncode == 0, agg.stderr
   with open(sweep_dir / "results.csv") as f:
-    table = {r["class"]: r for r in csv.DictReader(f)}
-  assert set(table) == {"metal_plate", "mean"}
-  for name in ("metal_plate", "mean"):  # one class: the mean row equals the class row
-    assert table[name]["n_seeds"] == "3"
+    table = {(r["model.rbo"] or "True", r["class"]): r for r in csv.DictReader(f)}
+  assert set(table) == {(rbo, c) for rbo in names for c in ("metal_plate", "mean")}
+  for (rbo, name), line in table.items():  # one class: the mean row equals the class row
+    assert line["n_seeds"] == "3" and line["seeds"] == "0 1 2"
     for m in report.METRIC_KEYS:
-      values = [rows[s][m] for s in range(3)]
+      values = [row[m] for row in rows[rbo]]
       if None in values:
-        assert table[name][m] == ""
+        assert line[m] == ""
         continue
-      assert table[name][m] == f"{100 * np.mean(values):.1f}"
-      assert table[name][f"{m}_std"] == f"{100 * np.std(values, ddof=1):.1f}"
+      assert line[m] == f"{100 * np.mean(values):.1f}"
+      assert line[f"{m}_std"] == f"{100 * np.std(values, ddof=1):.1f}"
   md = (sweep_dir / "results.md").read_text()
-  assert "| metal_plate | 3 |" in md and "| **mean** | **3** |" in md
+  assert md.count("| metal_plate | 3 |") == 2 and md.count("| **mean** | **3** |") == 2
 
   # Submitting again finds everything finished: nothing is submitted.
   again = _run(command, env)
   assert again.returncode == 0, again.stderr
-  assert "3 tasks; 3 finished (skipped), 0 queued or running (skipped), 0 to run" in again.stdout
+  assert "2 tasks; 2 finished (skipped), 0 queued or running (skipped), 0 to run" in again.stdout
   assert len(list((sweep_dir / "submit").iterdir())) == 1
 
   # With one result gone, only that task is (dry-run) submitted, as array index 0.
-  (sweep_dir / "metal_plate" / "seed1" / "results.json").unlink()
+  (sweep_dir / "metal_plate" / names["False"] / "results.json").unlink()
   dry = _run([*command[:-2], "--dry_run", *command[-2:]], env)
   assert dry.returncode == 0, dry.stderr
   (newest,) = [p for p in (sweep_dir / "submit").iterdir() if p != submit_dir]
   assert [t["name"] for t in json.loads((newest / "tasks.json").read_text())] == [
-      "metal_plate/seed1"]
+      f"metal_plate/{names['False']}"]
   assert "#SBATCH --array=0-0\n" in (newest / "array.sbatch").read_text()
   assert not (newest / "job_id").exists()
 
