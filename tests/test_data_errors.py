@@ -15,8 +15,9 @@ def _load(dataset, root, class_name, tmp_path, split="test", **kw):
 
 
 def _assert_nothing_prepared(tmp_path, name="pbas_mvtec", class_name="bottle"):
-  folder = tmp_path / "tfds" / name / class_name
-  assert not folder.exists() or not any(folder.iterdir()), list(folder.iterdir())
+  # <data_dir>/<source folder>/pbas_<dataset>/<class>
+  for folder in (tmp_path / "tfds").glob(f"*/{name}/{class_name}"):
+    assert not any(folder.iterdir()), list(folder.iterdir())
 
 
 @pytest.fixture
