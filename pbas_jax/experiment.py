@@ -159,7 +159,7 @@ def run_class(config: ml_collections.ConfigDict, workdir: str, class_name: str, 
     logging.warning("%s", cropped)
     notes.append(cropped)
   keep = heatmaps.heatmap_indices(len(test_src), config.eval.heatmaps)
-  features_dir = os.path.join(fileio.cache_dir(), "features")
+  features_dir = fileio.features_dir()
   test = feature_cache.load_or_extract(extractor, test_src, config, keep,
                                        f"{class_name} test features", directory=features_dir)
   if config.eval.only:

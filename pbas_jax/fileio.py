@@ -41,3 +41,17 @@ def cache_dir(override: str | os.PathLike | None = None) -> str:
   of a user."""
   return os.fspath(override or os.environ.get("PBAS_JAX_CACHE")
                    or os.path.expanduser("~/.cache/pbas_jax"))
+
+
+def features_dir(override: str | os.PathLike | None = None) -> str:
+  """Where `feature_cache` keeps its entries: `<cache folder>/features` (`python -m
+  pbas_jax.cache` lists and prunes them)."""
+  return os.path.join(os.path.expanduser(cache_dir(override)), "features")
+
+
+def human_size(size: float) -> str:
+  """Bytes for people: '512 B', '2.3 MB', '43.0 GB' (powers of 1000, as `du --si`)."""
+  for unit in ("B", "kB", "MB", "GB", "TB"):
+    if abs(size) < 1000 or unit == "TB":
+      return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+    size /= 1000

@@ -114,7 +114,7 @@ def test_hit_equals_recomputation_bit_for_bit(setup, tmp_path, caplog, dtype):
                                           directory=str(tmp_path))
   assert counting.batches == _batches(len(source), config)
   (path,) = tmp_path.glob("*.npz")
-  assert f"features cached to {path}" in caplog.text
+  assert f"bottle test cached to {path} (" in caplog.text
 
   caplog.clear()
   hit = feature_cache.load_or_extract(counting, source, config, keep, "test",
