@@ -2,6 +2,7 @@
 never sees half of a file."""
 import os
 import secrets
+import tempfile
 from typing import BinaryIO, Callable
 
 
@@ -33,6 +34,24 @@ def atomic_write(path: str | os.PathLike,
   except BaseException:
     os.unlink(tmp)
     raise
+
+
+class NotWritableError(PermissionError):
+  """A folder where a run must write cannot be written; the message names it and the setting."""
+
+
+def check_writable(folder: str | os.PathLike, setting: str) -> None:
+  """Makes `folder` and writes and removes a file in it, so that a read-only or unmakeable folder
+  fails before any work instead of at the first write; `setting` names it ("--workdir")."""
+  try:
+    os.makedirs(folder, exist_ok=True)
+    fd, probe = tempfile.mkstemp(dir=folder, prefix=".write_check.")
+    os.close(fd)
+    os.unlink(probe)
+  except OSError as e:
+    raise NotWritableError(f"{setting} {folder} is not writable ({type(e).__name__}: "
+                           f"{e.strerror or e}): choose another {setting} or fix its "
+                           "permissions") from e
 
 
 def cache_dir(override: str | os.PathLike | None = None) -> str:
