@@ -28,7 +28,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.dataset.name = "mvtec"          # mvtec | visa | mpdd | folder | demo
   c.dataset.root = ""               # raw data (manual dir); required except for `demo`
   c.dataset.classes = ""            # comma-separated; "" = all classes of the dataset
-  c.dataset.data_dir = ""           # where prepared TFDS datasets go; "" = <cache folder>/tfds
+  c.dataset.data_dir = ""           # prepared: <data_dir>/<root>-<hash>/; "" = <cache>/tfds
   c.dataset.image_size = 288        # center-crop size
   c.dataset.resize = 288            # shorter side before the crop (toothbrush/wood rule applies)
   c.dataset.resize_mode = "auto"    # crop (reference: shorter side to resize, center crop) |

@@ -5,9 +5,9 @@
 
 Named weights are downloaded through torchvision (needs internet once; torch's hub cache keeps
 the .pth). `random` converts torchvision's own random init after `torch.manual_seed(seed)`.
-Packaged weights (efficientnet_lite0 `imagenet`) are converted as on first use. Needs the
-`convert` extra (torch, torchvision); torch is imported only when converting. A `.safetensors`
-file needs none of this: give it as `backbone.weights`.
+Packaged weights (efficientnet_lite0 `imagenet`) are converted as on first use, without torch.
+Everything else needs the `convert` extra (torch, torchvision); torch is imported only when
+converting. A `.safetensors` file needs none of this: give it as `backbone.weights`.
 """
 import argparse
 import os

@@ -126,6 +126,48 @@ def open_writer(class_dir: str, first_step: int = 0) -> ScalarWriter:
   return ScalarWriter(os.path.join(class_dir, TENSORBOARD_DIR), first_step)
 
 
+def _scalars(record: Mapping[str, object]) -> dict:
+  """TensorBoard tags of a `metrics.jsonl` record: `train/<metric>`, `test/<metric>`."""
+  return {(f"test/{key[5:]}" if key.startswith("test_") else f"train/{key}"): value
+          for key, value in record.items() if key not in ("epoch", "run", "seed", "alpha")}
+
+
+def log_evaluation(class_dir: str, run_dirs: list[str], records: list[Mapping]) -> None:
+  """Adds the reported evaluation of each run to the class's curves, where training did not log it
+  (`eval.every_epochs=0`, or an epoch between evaluations).
+
+  `records`: per run `epoch`, `run`, `seed`, `alpha` and `test_<metric>`. Each is merged into the
+  line of its epoch and run in `metrics.jsonl` (appended when there is none) unless that line
+  holds test metrics already (evaluated in training, or an earlier call: a rerun or `eval.only`
+  adds nothing); the merged line's scalars go to the run's TensorBoard curves at that epoch.
+  """
+  if jax.process_index() != 0:
+    return
+  path = os.path.join(class_dir, "metrics.jsonl")
+  lines = []
+  if os.path.exists(path):
+    with open(path) as f:
+      lines = [json.loads(line) for line in f if line.strip()]
+  by_key = {(line["epoch"], line["run"]): line for line in lines}
+  merged = []
+  for record in records:
+    line = by_key.get((record["epoch"], record["run"]))
+    if line is None:
+      line = {}
+      lines.append(line)
+    elif any(key.startswith("test_") for key in line):
+      continue
+    line.update(record)
+    merged.append(line)
+  if not merged:
+    return
+  fileio.atomic_write(path, "".join(json.dumps(line) + "\n" for line in lines))
+  for line in merged:
+    # Opened at the epoch: the restart marker replaces that epoch's points with this full line.
+    with open_writer(run_dirs[line["run"]], first_step=line["epoch"]) as writer:
+      writer.write(line["epoch"], _scalars(line))
+
+
 class EpochLog:
   """The per-epoch record of a class's runs: `metrics.jsonl` plus TensorBoard curves per run.
 
@@ -151,9 +193,7 @@ class EpochLog:
     if self._file is not None:
       self._file.write(json.dumps(record) + "\n")
       self._file.flush()
-    self._writers[run].write(record["epoch"], {
-        (f"test/{key[5:]}" if key.startswith("test_") else f"train/{key}"): value
-        for key, value in record.items() if key not in ("epoch", "run", "seed", "alpha")})
+    self._writers[run].write(record["epoch"], _scalars(record))
     self._writers[run].flush()
 
   def close(self) -> None:

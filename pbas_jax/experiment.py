@@ -159,7 +159,7 @@ def run_class(config: ml_collections.ConfigDict, workdir: str, class_name: str, 
     logging.warning("%s", cropped)
     notes.append(cropped)
   keep = heatmaps.heatmap_indices(len(test_src), config.eval.heatmaps)
-  features_dir = os.path.join(fileio.cache_dir(), "features")
+  features_dir = fileio.features_dir()
   test = feature_cache.load_or_extract(extractor, test_src, config, keep,
                                        f"{class_name} test features", directory=features_dir)
   if config.eval.only:
@@ -207,6 +207,10 @@ def run_class(config: ml_collections.ConfigDict, workdir: str, class_name: str, 
   for row in rows:  # the class's time, shared by its runs
     row["wall_time_s"] = (time.time() - t0) / len(runs)
   if jax.process_index() == 0:
+    # The reported evaluation joins the curves when training did not evaluate that epoch.
+    curves.log_evaluation(class_dir, dirs, [
+        {"epoch": row["epoch"], "run": row["run"], "seed": row["seed"], "alpha": row["alpha"],
+         **{f"test_{key}": row[key] for key in report.METRIC_KEYS}} for row in rows])
     report.write_results(class_dir, rows, config.eval.selection, notes, files=("json",),
                          echo=False)
   return rows
@@ -219,21 +223,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   `sharding.initialize_distributed`); all devices of all processes form one mesh.
   """
   config_base.validate(config)
+  if config.dataset.name == "demo":
+    demo_data.make_demo_dataset(data.source_of(config)[1])
+  # Bad data or an unwritable workdir fail here, before anything is written.
+  class_names = data.class_names(config)
+  data.check_sources(config, class_names)
+  fileio.check_writable(workdir, "--workdir")
   mesh = sharding.make_mesh()
   main_process = jax.process_index() == 0
   if main_process:
-    os.makedirs(workdir, exist_ok=True)
     fileio.atomic_write(os.path.join(workdir, "config.json"),
                         config.to_json_best_effort(indent=2))
   notes = []
-  if config.dataset.name == "demo":
-    demo_data.make_demo_dataset(data.source_of(config)[1])
   if config.backbone.weights == "random":
     notes.append(f"backbone weights are random (seed {config.backbone.seed}): the numbers are "
                  "not meaningful")
   extractor = features_lib.extractor_of(config, mesh)
   rows, failed = [], []
-  for class_name in data.class_names(config):
+  for class_name in class_names:
     try:
       rows += run_class(config, workdir, class_name, extractor, notes, mesh)
     except NonFiniteLossError as e:

@@ -11,7 +11,10 @@ computes features, and FORMAT. With `train.feature_cache=auto` one file per key 
     <cache dir>/features/<dataset>-<class>-<split>-<digest of the key>.npz     (and its .lock)
 
 and every later run with the same key (a rerun in another workdir, a resume, `eval.only`, an
-ablation of the training settings, a sweep task) reads it instead of running the backbone.
+ablation of the training settings, a sweep task) reads it instead of running the backbone, and
+sets its mtime to now: `python -m pbas_jax.cache` (pbas_jax/cache.py) lists entries with their
+size and last use and prunes them. Nothing is deleted automatically; a write that fails (a full
+disk) is a warning with the size it needed and the space free, and the run goes on.
 
 The file is an uncompressed .npz written to a temporary name and renamed: features (N, H, W, D)
 (bfloat16 stored as its uint16 bits, numpy having no bfloat16 of its own), labels (N,), masks
@@ -31,6 +34,7 @@ import hashlib
 import json
 import os
 import pathlib
+import shutil
 from typing import Any
 import zipfile
 
@@ -213,13 +217,41 @@ def _write(path: str, split: Split, fields: dict) -> None:
   }
   if split.masks is not None:
     arrays["masks"] = split.masks
+  needed = sum(np.asarray(a).nbytes for a in arrays.values())
   try:
     fileio.atomic_write(path, lambda f: np.savez(f, **arrays))
   except OSError as e:
-    logging.warning("could not write the feature cache file %s (%s); continuing without it",
-                    path, e)
+    logging.warning(
+        "could not write the feature cache file %s (%s): it needs %s, %s; continuing without it "
+        "(the next run extracts these features again). `python -m pbas_jax.cache list` shows "
+        "what the cache holds, `prune` frees it, $PBAS_JAX_CACHE moves it.", path, e,
+        fileio.human_size(needed), _free_space(os.path.dirname(path)))
     return
-  logging.info("features cached to %s", path)
+  logging.info("features of %s/%s %s cached to %s (%s; %s)", fields["dataset"], fields["class"],
+               fields["split"], path, fileio.human_size(os.path.getsize(path)),
+               _cache_total(os.path.dirname(path)))
+
+
+def _free_space(folder: str) -> str:
+  try:
+    return f"{fileio.human_size(shutil.disk_usage(folder).free)} free in {folder}"
+  except OSError as e:
+    return f"free space in {folder} unknown ({e})"
+
+
+def _cache_total(folder: str) -> str:
+  """What the folder's entries take together, for the log."""
+  sizes = [e.stat().st_size for e in os.scandir(folder) if e.name.endswith(".npz")]
+  return (f"the feature cache {folder} holds {fileio.human_size(sum(sizes))} in {len(sizes)} "
+          "entries; `python -m pbas_jax.cache` lists and prunes them")
+
+
+def _touch(path: str) -> None:
+  """Marks the entry used now: `python -m pbas_jax.cache prune --older_than` goes by last use."""
+  try:
+    os.utime(path)
+  except OSError:
+    pass  # a read-only shared cache: its age is then its age
 
 
 def load_or_extract(extractor, source: data.Source, config: ml_collections.ConfigDict,
@@ -248,6 +280,8 @@ def load_or_extract(extractor, source: data.Source, config: ml_collections.Confi
         split = extract_split(extractor, source, config, keep, desc, indices)
         _write(path, split, fields)
         return split
-  logging.info("reused cached features from %s", path)
+  logging.info("reused cached features from %s (%s)", path,
+               fileio.human_size(os.path.getsize(path)))
+  _touch(path)
   split.images = kept_images(source, keep, indices)
   return split

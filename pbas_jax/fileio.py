@@ -2,6 +2,7 @@
 never sees half of a file."""
 import os
 import secrets
+import tempfile
 from typing import BinaryIO, Callable
 
 
@@ -35,9 +36,41 @@ def atomic_write(path: str | os.PathLike,
     raise
 
 
+class NotWritableError(PermissionError):
+  """A folder where a run must write cannot be written; the message names it and the setting."""
+
+
+def check_writable(folder: str | os.PathLike, setting: str) -> None:
+  """Makes `folder` and writes and removes a file in it, so that a read-only or unmakeable folder
+  fails before any work instead of at the first write; `setting` names it ("--workdir")."""
+  try:
+    os.makedirs(folder, exist_ok=True)
+    fd, probe = tempfile.mkstemp(dir=folder, prefix=".write_check.")
+    os.close(fd)
+    os.unlink(probe)
+  except OSError as e:
+    raise NotWritableError(f"{setting} {folder} is not writable ({type(e).__name__}: "
+                           f"{e.strerror or e}): choose another {setting} or fix its "
+                           "permissions") from e
+
+
 def cache_dir(override: str | os.PathLike | None = None) -> str:
   """Where prepared data, converted weights and cached features live: `override`, else
   $PBAS_JAX_CACHE, else ~/.cache/pbas_jax ("" counts as unset). Shared by every run and sweep task
   of a user."""
   return os.fspath(override or os.environ.get("PBAS_JAX_CACHE")
                    or os.path.expanduser("~/.cache/pbas_jax"))
+
+
+def features_dir(override: str | os.PathLike | None = None) -> str:
+  """Where `feature_cache` keeps its entries: `<cache folder>/features` (`python -m
+  pbas_jax.cache` lists and prunes them)."""
+  return os.path.join(os.path.expanduser(cache_dir(override)), "features")
+
+
+def human_size(size: float) -> str:
+  """Bytes for people: '512 B', '2.3 MB', '43.0 GB' (powers of 1000, as `du --si`)."""
+  for unit in ("B", "kB", "MB", "GB", "TB"):
+    if abs(size) < 1000 or unit == "TB":
+      return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+    size /= 1000

@@ -7,7 +7,6 @@ Re-running the same command resumes from the latest checkpoint and skips finishe
 Under SLURM, `srun` with one task per GPU runs it on all of them: the processes join first
 (`sharding.initialize_distributed`) and form one data-parallel mesh.
 """
-import logging as std_logging
 import os
 
 from absl import app
@@ -15,6 +14,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from pbas_jax import cli
 from pbas_jax import experiment
 from pbas_jax import sharding
 
@@ -37,14 +37,11 @@ def main(argv):
   # Before anything touches a device (importing the package does not).
   sharding.initialize_distributed()
   workdir = _WORKDIR.value or default_workdir(flags.FLAGS["config"].config_filename)
-  # Orbax and TFDS log every file they write at INFO; keep the run's own log readable.
-  logging.get_absl_handler().addFilter(
-      lambda record: record.levelno >= std_logging.WARNING or not any(
-          lib in record.pathname for lib in ("orbax", "tensorflow_datasets")))
+  cli.quiet_library_logs()
   logging.info("workdir: %s", workdir)
   experiment.train_and_evaluate(_CONFIG.value, workdir)
 
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config"])
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -16,6 +16,7 @@ import ml_collections
 import numpy as np
 
 from pbas_jax import checkpoint
+from pbas_jax import cli
 from pbas_jax import data
 from pbas_jax import engine
 from pbas_jax import experiment
@@ -106,6 +107,7 @@ def predict_folder(workdir: str, class_name: str, image_dir: str, output: str,
 
 def main(argv):
   del argv
+  cli.quiet_library_logs()
   output = _OUTPUT.value or os.path.join(_WORKDIR.value, f"{_CLASS.value}_predict")
   results = predict_folder(_WORKDIR.value, _CLASS.value, _IMAGES.value, output, _HEATMAPS.value)
   for name, score in results:

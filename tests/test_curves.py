@@ -1,5 +1,6 @@
 """TensorBoard curves: event files read back with TensorBoard's own loader."""
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -101,3 +102,26 @@ def test_writing_imports_neither_torch_nor_tensorflow(tmp_path):
                        check=True, cwd=os.path.dirname(os.path.dirname(__file__)))
   assert out.stdout.strip() == "[]"
   assert len(os.listdir(tmp_path / curves.TENSORBOARD_DIR)) == 1
+
+
+def test_reported_evaluation_joins_the_curves_once(tmp_path, read_scalars):
+  # eval.every_epochs=0: training logged epochs 1-3 without test metrics; the final evaluation is
+  # merged into epoch 3's line and curves, once (a rerun or eval.only adds nothing).
+  class_dir = tmp_path / "cls"
+  log = curves.EpochLog(str(class_dir), [str(class_dir)], 0)
+  for epoch in (1, 2, 3):
+    log.write(0, {"epoch": epoch, "run": 0, "seed": 0, "alpha": 0.25, "loss": 1.0 / epoch})
+  log.close()
+  final = {"epoch": 3, "run": 0, "seed": 0, "alpha": 0.25, "test_i_auroc": 0.75,
+           "test_p_pro": None}
+  for _ in range(2):
+    curves.log_evaluation(str(class_dir), [str(class_dir)], [final])
+  lines = [json.loads(line) for line in (class_dir / "metrics.jsonl").read_text().splitlines()]
+  assert [line["epoch"] for line in lines] == [1, 2, 3]
+  assert lines[2] == {**final, "loss": 1.0 / 3} and "test_i_auroc" not in lines[1]
+  scalars = read_scalars(class_dir / curves.TENSORBOARD_DIR)
+  assert scalars["test/i_auroc"] == [(3, 0.75)]
+  assert [s for s, _ in scalars["train/loss"]] == [1, 2, 3]  # epoch 3 kept, not purged
+  # An epoch already evaluated in training keeps its line.
+  curves.log_evaluation(str(class_dir), [str(class_dir)], [dict(final, test_i_auroc=0.5)])
+  assert json.loads((class_dir / "metrics.jsonl").read_text().splitlines()[2]) == lines[2]

@@ -166,7 +166,31 @@ def test_changed_source_or_root_is_prepared_again(tmp_path, monkeypatch):
   shutil.rmtree(other / "bottle" / "ground_truth" / "crack")
   assert len(data.load_split("mvtec", other, "bottle", "test", **kw)) == 2
   assert len(reads) == 9 + 6
-  assert not list((tmp_path / "tfds" / "pbas_mvtec" / "bottle").glob("incomplete*"))
+  assert not list((tmp_path / "tfds").glob("*/pbas_mvtec/bottle/incomplete*"))
+  assert len(list((tmp_path / "tfds").glob("*/pbas_mvtec/bottle"))) == 2  # one per root
+
+
+def test_two_roots_with_one_class_name_keep_a_prepared_copy_each(tmp_path, monkeypatch):
+  # Two datasets of one's own, both with a class `part`, prepared into one data_dir (the default
+  # cache): neither replaces the other's copy, and an empty root cannot pick one of them.
+  first = data_trees.mvtec_tree(tmp_path / "a" / "raw", "part", n_train=3, masks=False)
+  second = data_trees.mvtec_tree(tmp_path / "b" / "raw", "part", n_train=4, masks=False)
+  kw = dict(data_dir=tmp_path / "tfds", image_size=16, resize=16)
+  reads = _count_reads(monkeypatch)
+  assert len(data.load_split("folder", first, "part", "train", **kw)) == 3
+  assert len(data.load_split("folder", second, "part", "train", **kw)) == 4
+  prepared = len(reads)
+  assert prepared == 3 + 5 + 4 + 5  # each root's train and test images, once
+  for _ in range(2):
+    assert len(data.load_split("folder", first, "part", "train", **kw)) == 3
+    assert len(data.load_split("folder", second, "part", "train", **kw)) == 4
+  assert len(reads) == prepared  # neither was prepared again
+  folders = sorted((tmp_path / "tfds").glob("*/pbas_folder/part"))
+  assert len(folders) == 2 and folders[0].parent.parent.name.startswith("raw-")
+  assert builders.source_dir(kw["data_dir"], first) != builders.source_dir(kw["data_dir"], second)
+  with pytest.raises(data.DatasetError, match=r"folder/part is prepared in .* from 2 roots "
+                     r"\(.*a/raw, .*b/raw\) and dataset.root is empty"):
+    data.load_split("folder", "", "part", "train", **kw)
 
 
 def test_preparing_prints_no_tfds_download_chatter(tmp_path, capfd):

@@ -15,8 +15,9 @@ def _load(dataset, root, class_name, tmp_path, split="test", **kw):
 
 
 def _assert_nothing_prepared(tmp_path, name="pbas_mvtec", class_name="bottle"):
-  folder = tmp_path / "tfds" / name / class_name
-  assert not folder.exists() or not any(folder.iterdir()), list(folder.iterdir())
+  # <data_dir>/<source folder>/pbas_<dataset>/<class>
+  for folder in (tmp_path / "tfds").glob(f"*/{name}/{class_name}"):
+    assert not any(folder.iterdir()), list(folder.iterdir())
 
 
 @pytest.fixture
@@ -138,7 +139,8 @@ def test_unreadable_image_leaves_nothing_prepared(tmp_path, mvtec, damage):
   content = path.read_bytes()
   path.write_bytes(content[:len(content) // 2] if damage == "truncated" else b"\x00" * 100)
   with pytest.raises(DatasetError, match=r"cannot read image file .*test/crack/001.png .*"
-                     r"unreadable or truncated; replace it"):
+                     r"Pillow cannot decode it .* save or copy it again from where it came "
+                     r"from, or move it out of the folder"):
     _load("mvtec", mvtec, "bottle", tmp_path)
   _assert_nothing_prepared(tmp_path)
 

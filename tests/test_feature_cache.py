@@ -20,6 +20,7 @@ from pbas_jax import backbones
 from pbas_jax import config_base
 from pbas_jax import data
 from pbas_jax import feature_cache
+from pbas_jax import fileio
 from pbas_jax import features as features_lib
 from pbas_jax import report
 from pbas_jax import sharding
@@ -114,7 +115,7 @@ def test_hit_equals_recomputation_bit_for_bit(setup, tmp_path, caplog, dtype):
                                           directory=str(tmp_path))
   assert counting.batches == _batches(len(source), config)
   (path,) = tmp_path.glob("*.npz")
-  assert f"features cached to {path}" in caplog.text
+  assert f"bottle test cached to {path} (" in caplog.text
 
   caplog.clear()
   hit = feature_cache.load_or_extract(counting, source, config, keep, "test",
@@ -350,10 +351,12 @@ def test_second_run_of_a_class_extracts_nothing_and_gives_identical_results(tmp_
   cached = sorted((tmp_path / "cache" / "features").glob("*.npz"))
   assert len(cached) == 2  # test and train split
   for path in cached:
-    assert f"features cached to {path}" in first
-    assert f"reused cached features from {path}" in second
+    split = "train" if "-train-" in path.name else "test"
+    size = fileio.human_size(path.stat().st_size)
+    assert f"features of mvtec/bottle {split} cached to {path} ({size}; the feature cache" in first
+    assert f"reused cached features from {path} ({size})" in second
   assert "bottle test features" in first and "bottle train features" in first  # progress bars
-  assert "features cached to" not in second
+  assert " cached to " not in second
   assert "bottle test features" not in second and "bottle train features" not in second
   for key in (*report.METRIC_KEYS, "epoch"):
     assert rows[1][key] == rows[0][key], key

@@ -78,6 +78,10 @@ def _check_outputs(workdir: pathlib.Path, class_dir: str, n_heatmaps: int):
   lines = (workdir / class_dir / "metrics.jsonl").read_text().splitlines()
   assert [json.loads(line)["epoch"] for line in lines] == list(range(1, len(lines) + 1))
   assert list((workdir / class_dir / "tensorboard").glob("events*"))  # curves for TensorBoard
+  # eval.every_epochs=0: the final evaluation is the reported epoch's line.
+  last = json.loads(lines[row["epoch"] - 1])
+  assert {key: last[f"test_{key}"] for key in report.METRIC_KEYS} == {
+      key: row[key] for key in report.METRIC_KEYS}
   return row
 
 
@@ -194,7 +198,10 @@ def test_cached_features_equal_features_recomputed_in_another_order(tmp_path):
 def test_unknown_config_key_fails_with_a_suggestion(tmp_path):
   proc = run_main(tmp_path / "run", tmp_path, "--config.train.epoch=5", check=False)
   assert proc.returncode != 0
-  assert 'Did you mean "epochs"' in proc.stderr
+  assert proc.stderr.splitlines() == [
+      "FATAL Flags parsing error: --config.train.epoch: the config has no key 'epoch'. "
+      'Did you mean "epochs" instead of "epoch"?']
+  assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("key,value,message", [
@@ -228,3 +235,23 @@ def test_unknown_class_and_missing_root_are_named(tmp_path):
                            "dataset.data_dir": str(tmp_path / "tfds")})
   with pytest.raises(data.DatasetError, match="nowhere does not exist"):
     experiment.train_and_evaluate(config, str(tmp_path / "run"))
+  (root / "bottle" / "test" / "crack" / "002.png").unlink()  # its mask is left without image
+  config.dataset.root = str(root)
+  with pytest.raises(data.DatasetError, match="masks without image: 002"):
+    experiment.train_and_evaluate(config, str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()  # bad data fails before the workdir is made
+
+
+def test_unwritable_workdir_fails_before_any_work(tmp_path):
+  root = _tree(tmp_path / "raw")
+  (tmp_path / "file").write_text("")
+  config = smoke_config(**{"dataset.root": str(root), "dataset.classes": "bottle",
+                           "dataset.data_dir": str(tmp_path / "tfds")})
+  with pytest.raises(PermissionError, match=r"--workdir .*file/run is not writable "
+                     r"\(NotADirectoryError: Not a directory\): choose another --workdir"):
+    experiment.train_and_evaluate(config, str(tmp_path / "file" / "run"))
+  assert not (tmp_path / "tfds").exists()  # nothing prepared
+  if os.geteuid() != 0:  # root writes into read-only folders
+    (tmp_path / "locked").mkdir(mode=0o555)
+    with pytest.raises(PermissionError, match=r"locked is not writable \(PermissionError"):
+      experiment.train_and_evaluate(config, str(tmp_path / "locked"))

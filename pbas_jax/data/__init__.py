@@ -4,6 +4,7 @@ from pbas_jax.data.builders import IMAGE_EXTENSIONS
 from pbas_jax.data.builders import classes
 from pbas_jax.data.builders import image_files
 from pbas_jax.data.builders import prepare
+from pbas_jax.data.configured import check_sources
 from pbas_jax.data.configured import class_names
 from pbas_jax.data.configured import data_dir
 from pbas_jax.data.configured import load_configured

@@ -1,9 +1,11 @@
 """TFDS builders for MVTec AD, VisA, MPDD and users' own folders (ArrayRecord, no TensorFlow).
 
 The raw data is licence-gated, so each builder reads a manual directory (`root`) the user points
-to and writes one builder config per class into `data_dir` once: `prepare` reuses prepared data
-while the source's fingerprint (dataset, class, resolved root, and every file read with its size
-and mtime) is unchanged, and prepares again (replacing it) when the source changed. Layout errors
+to and writes one builder config per class once, into a folder of `data_dir` that belongs to that
+root (`source_dir`: `<data_dir>/<root's name>-<hash of its resolved path>/pbas_<dataset>/<class>`),
+so two roots with a class of the same name keep a copy each. `prepare` reuses prepared data while
+the source's fingerprint (dataset, class, resolved root, and every file read with its size and
+mtime) is unchanged, and prepares again (replacing it) when the source changed. Layout errors
 are found before TFDS writes anything; unreadable files are found while writing, inside TFDS's
 temporary `incomplete.*` folder, which is removed on error, so no half-prepared data is left.
 
@@ -418,8 +420,16 @@ class PbasFolder(_BaseBuilder):
 BUILDERS = {"mvtec": PbasMvtec, "mpdd": PbasMpdd, "visa": PbasVisa, "folder": PbasFolder}
 
 
+def source_dir(data_dir, root) -> str:
+  """The folder of `data_dir` holding the data prepared from `root` (the resolved path's hash
+  tells apart roots with the same name)."""
+  resolved = pathlib.Path(root).expanduser().resolve()
+  digest = hashlib.sha256(str(resolved).encode()).hexdigest()[:10]
+  return os.path.join(os.fspath(data_dir), f"{resolved.name or 'root'}-{digest}")
+
+
 def builder(dataset: str, class_name: str, data_dir) -> tfds.core.DatasetBuilder:
-  """The builder of one class in `data_dir`, prepared or not."""
+  """The builder of one class in `data_dir` (a `source_dir`), prepared or not."""
   _check_dataset(dataset)
   return BUILDERS[dataset](config=class_name, data_dir=os.fspath(data_dir),
                            file_format="array_record")
@@ -431,24 +441,42 @@ def _is_prepared(b: tfds.core.DatasetBuilder) -> bool:
 
 
 def prepare(dataset: str, root, class_name: str, *, data_dir) -> tfds.core.DatasetBuilder:
-  """Prepares one class from `root` into `data_dir` unless up to date; returns its builder.
+  """Prepares one class from `root` into `source_dir(data_dir, root)` unless up to date; returns
+  its builder.
 
-  With an empty `root` the prepared data is used as it is (no raw data needed).
+  With an empty `root` the prepared data is used as it is (no raw data needed), if `data_dir`
+  holds the class prepared from one root only.
   """
   if not data_dir:
     raise DatasetError("dataset.data_dir is empty: set where prepared datasets are stored")
   if not root:
-    b = builder(dataset, class_name, data_dir)
-    if not _is_prepared(b):
-      raise DatasetNotFoundError(f"{dataset}/{class_name} is not prepared in {data_dir} and "
-                                 "dataset.root is empty: set dataset.root to the raw data")
-    return b
+    return _only_prepared(dataset, class_name, data_dir)
   plan = scan(dataset, root, class_name)
   # Sweep tasks of one class start together and share data_dir: one prepares, the others wait and
   # then find the data prepared.
-  os.makedirs(data_dir, exist_ok=True)
-  with file_lock(os.path.join(data_dir, f".{dataset}_{class_name}.lock")):
-    return _prepare_locked(dataset, class_name, data_dir, plan)
+  directory = source_dir(data_dir, plan.root)
+  os.makedirs(directory, exist_ok=True)
+  with file_lock(os.path.join(directory, f".{dataset}_{class_name}.lock")):
+    return _prepare_locked(dataset, class_name, directory, plan)
+
+
+def _only_prepared(dataset: str, class_name: str, data_dir) -> tfds.core.DatasetBuilder:
+  """The one prepared copy of the class in `data_dir` (whatever root it came from)."""
+  found = []
+  if os.path.isdir(data_dir):
+    for entry in sorted(os.scandir(data_dir), key=lambda e: e.name):
+      if entry.is_dir() and os.path.isdir(os.path.join(entry.path, f"pbas_{dataset}", class_name)):
+        b = builder(dataset, class_name, entry.path)
+        if _is_prepared(b):
+          found.append(b)
+  if not found:
+    raise DatasetNotFoundError(f"{dataset}/{class_name} is not prepared in {data_dir} and "
+                               "dataset.root is empty: set dataset.root to the raw data")
+  if len(found) > 1:
+    roots = ", ".join(str(b.info.metadata.get("root")) for b in found)
+    raise DatasetError(f"{dataset}/{class_name} is prepared in {data_dir} from {len(found)} roots "
+                       f"({roots}) and dataset.root is empty: set dataset.root to the one meant")
+  return found[0]
 
 
 @contextlib.contextmanager
@@ -468,9 +496,9 @@ def _prepare_locked(dataset, class_name, data_dir, plan) -> tfds.core.DatasetBui
   if _is_prepared(b):
     if b.info.metadata.get("fingerprint") == plan.fingerprint:
       return b
-    logging.warning("%s/%s in %s was prepared from other source files (root %s); preparing it "
-                    "again from %s", dataset, class_name, data_dir,
-                    b.info.metadata.get("root"), plan.root)
+    logging.warning("%s/%s in %s was prepared from other versions of the files of %s (a file "
+                    "was added, removed or changed); preparing it again", dataset, class_name,
+                    data_dir, plan.root)
     mode = tfds.download.GenerateMode.FORCE_REDOWNLOAD
   else:
     mode = tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS

@@ -25,6 +25,15 @@ def class_names(config: ml_collections.ConfigDict) -> list[str]:
   return listed or builders.classes(builder, root or None)
 
 
+def check_sources(config: ml_collections.ConfigDict, classes: list[str]) -> None:
+  """Checks the raw layout of every class (`builders.scan`, file names only) when
+  `dataset.root` is set; raises DatasetError naming the problem."""
+  builder, root = source_of(config)
+  if root:
+    for class_name in classes:
+      builders.scan(builder, root, class_name)
+
+
 def data_dir(config: ml_collections.ConfigDict) -> str:
   """Where prepared datasets live: `dataset.data_dir`, else `<cache folder>/tfds`."""
   return config.dataset.data_dir or os.path.join(fileio.cache_dir(), "tfds")

@@ -67,8 +67,10 @@ def open_image(source: Union[bytes, str, os.PathLike], name: str) -> Image.Image
     raise DatasetNotFoundError(f"image file {name} does not exist") from e
   except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
     # PIL reports unknown formats, truncated data and bad chunks through these types.
-    raise DatasetError(f"cannot read image file {name} ({e}): the file is unreadable or "
-                       "truncated; replace it with a good copy from the original download") from e
+    raise DatasetError(f"cannot read image file {name} ({e}): Pillow cannot decode it (a "
+                       "truncated or damaged file, or not an image despite its extension). Open "
+                       "it in an image viewer to check; save or copy it again from where it came "
+                       "from, or move it out of the folder") from e
   return image
 
 
