@@ -4,8 +4,10 @@ Per class (`run_class`, top to bottom): load the test and train splits (`data`);
 patch features, once (`feature_cache`: extracted, or reused from disk by any earlier run); the
 runs' ABL centers and epochs (`train_runs` over the `engine`, resumable from checkpoints, curves
 per epoch in `curves`); scores and maps of the reported state (`inference`); metrics, heatmaps and
-the results rows (`report`). Checkpoints make the run resumable: the same command continues from
-the latest checkpoint and skips finished classes.
+the results rows (`report`). The same command finishes what an earlier run left, wherever it was
+stopped: training continues from the latest checkpoint (which records the data it was trained
+on), the rest is redone from the trained states, and the class's results.json, written last,
+marks it finished.
 
 On a device mesh (one device: a one-device mesh), the runs of a class (`train.num_runs` seeds x
 `train.k_values` alphas) train together, each reported as if alone, in `<class>/<run name>/`.
