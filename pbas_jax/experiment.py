@@ -74,9 +74,9 @@ def _finite_runs(states: train.TrainState) -> np.ndarray:
 
 def _hold(states: train.TrainState, held: train.TrainState, mask: np.ndarray
           ) -> train.TrainState:
-  """`states` with the runs where `mask (R,)` is True taken from `held`."""
-  return jax.tree.map(
-      lambda s, h: jnp.where(mask.reshape((-1,) + (1,) * (s.ndim - 1)), h, s), states, held)
+  """`states` with the runs where `mask (R,)` is True taken from `held` (placed as `states`)."""
+  return jax.tree.map(lambda s, h: jnp.where(mask.reshape((-1,) + (1,) * (s.ndim - 1)),
+                                             jax.device_put(h, s.sharding), s), states, held)
 
 
 def _last_good(ckpts: checkpoint.Checkpointer, template: train.TrainState, r: int
@@ -125,6 +125,9 @@ def train_runs(config: ml_collections.ConfigDict, class_dir: str,
   if start:
     states, meta = ckpts.restore(engine.state_template(config, runs, features.shape))
     checkpoint.check_compatible(meta, chash, ckpts.directory)
+    if trained_on and not meta.get("data"):
+      logging.warning("%s: its checkpoints do not record their training data (written before "
+                      "that was recorded); resuming without comparing it", class_dir)
     changes = (feature_cache.data_changes(meta["data"], trained_on)
                if trained_on and meta.get("data") else [])
     if changes:
@@ -221,7 +224,7 @@ def _note_data_change(class_name: str, class_dir: str, metas: list[dict | None],
     return
   changes = feature_cache.data_changes(recorded, now)
   if changes:
-    message = (f"{class_name}: {what} of other data than the dataset holds now "
+    message = (f"{class_name}: {what} other data than the dataset holds now "
                f"({'; '.join(changes)} changed since it was trained); delete {class_dir} to "
                "train and evaluate it on the current data")
     logging.warning("%s", message)
@@ -251,12 +254,12 @@ def run_class(config: ml_collections.ConfigDict, workdir: str, class_name: str, 
     try:
       now = _train_data(config, class_name)[2]
     except data.DatasetError as e:
-      message = f"{class_name}: could not check whether its data changed since it was trained: {e}"
+      message = f"{class_name}: could not check whether its data changed since training: {e}"
       logging.warning("%s", message)
       notes.append(message)
     else:
-      _note_data_change(class_name, class_dir, metas, now, f"its results ({results_path}) are",
-                        notes)
+      _note_data_change(class_name, class_dir, metas, now,
+                        f"its results ({results_path}) are of", notes)
     with open(results_path) as f:
       finished = json.load(f)
     notes += [n for n in finished["notes"] if n not in notes]

@@ -261,19 +261,24 @@ def _poison_run_after_epoch(monkeypatch, run: int, epoch: int):
 
 
 def test_a_diverged_run_stops_alone_and_keeps_its_last_good_state(tmp_path, monkeypatch):
-  mesh = sharding.make_mesh(jax.devices()[:1])
+  """On the 8-device mesh, stopped after the divergence and resumed (the diverged run's last good
+  state comes back from the checkpoint, placed as the states are)."""
+  mesh, one_device = sharding.make_mesh(), sharding.make_mesh(jax.devices()[:1])
   features = _split(jnp.asarray(clustered(6, n=10)))
   runs = [engine.Run(0, 0.25), engine.Run(1, 0.25)]
   config = engine_config(num_runs=2, checkpoint_every=1)
-  config.train.epochs = 4
   with monkeypatch.context() as patch:
     _poison_run_after_epoch(patch, run=1, epoch=2)
+    config.train.epochs = 3  # stopped at epoch 3, where run 1 diverges
+    experiment.train_runs(config, str(tmp_path / "together"), features, None, runs, mesh)
+    config.train.epochs = 4
     together = experiment.train_runs(config, str(tmp_path / "together"), features, None, runs,
                                      mesh)
   (state, epoch), (diverged_state, diverged_epoch) = together
   assert epoch == 4 and (diverged_state, diverged_epoch) == (None, 3)
   [(alone, _)] = experiment.train_runs(engine_config(seed=0, checkpoint_every=1, epochs=4),
-                                       str(tmp_path / "alone"), features, None, runs[:1], mesh)
+                                       str(tmp_path / "alone"), features, None, runs[:1],
+                                       one_device)
   assert_states_close(state, alone)
 
   lines = [json.loads(l) for l in (tmp_path / "together" / "metrics.jsonl").open()]
@@ -285,7 +290,8 @@ def test_a_diverged_run_stops_alone_and_keeps_its_last_good_state(tmp_path, monk
   last, meta = ckpts.restore(template)
   assert meta["epoch"] == 4 and meta["diverged"] == [None, {"epoch": 3, "good_epoch": 1}]
   [(epoch1, _)] = experiment.train_runs(engine_config(seed=1, checkpoint_every=1, epochs=1),
-                                        str(tmp_path / "alone1"), features, None, runs[1:], mesh)
+                                        str(tmp_path / "alone1"), features, None, runs[1:],
+                                        one_device)
   assert_states_close(engine.unstack(last)[1], epoch1)
   # The same call again (a rerun) reports the same from the checkpoints.
   again = experiment.train_runs(config, str(tmp_path / "together"), features, None, runs, mesh)
