@@ -45,6 +45,27 @@ class Crash(Exception):
   """Stands for a kill: raised inside the main job."""
 
 
+def test_saving_a_saved_epoch_again_keeps_or_replaces_it(tmp_path):
+  ckpt = checkpoint.Checkpointer(tmp_path / "model", max_to_keep=None)
+  state = {"w": jnp.arange(3.0)}
+  ckpt.save(3, state, {"epoch": 3, "data": {"a": [1]}})
+  step_dir = tmp_path / "model" / "3"
+  before = step_dir.stat().st_mtime_ns
+  ckpt.save(3, {"w": jnp.zeros(3)}, {"epoch": 3, "data": {"a": [1]}})  # a rerun: kept as it is
+  assert step_dir.stat().st_mtime_ns == before
+  np.testing.assert_array_equal(ckpt.restore(state)[0]["w"], [0.0, 1.0, 2.0])
+  ckpt.save(3, {"w": jnp.ones(3)}, {"epoch": 3, "data": {"a": [2]}})  # other meta: replaced
+  restored, meta = ckpt.restore(state)
+  np.testing.assert_array_equal(restored["w"], [1.0, 1.0, 1.0])
+  assert meta["data"] == {"a": [2]}
+  ckpt.save(1, state, {"epoch": 1})
+  ckpt.save(5, state, {"epoch": 5})
+  assert ckpt.epochs() == [1, 3, 5]
+  ckpt.keep([3, None])
+  assert ckpt.epochs() == [3]
+  assert checkpoint.Checkpointer(tmp_path / "model").epochs() == [3]  # as found on disk
+
+
 def _tree(root: pathlib.Path) -> pathlib.Path:
   data_trees.mvtec_tree(root, "bottle", n_train=6, test=(("good", 2), ("crack", 2)),
                         size=(40, 40))
