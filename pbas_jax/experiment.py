@@ -277,14 +277,19 @@ def run_class(config: ml_collections.ConfigDict, workdir: str, class_name: str, 
                                        f"{class_name} test features", directory=features_dir)
   train_src, subset, trained_on = _train_data(config, class_name)
   if config.eval.only:
-    missing = [model.directory for model, meta in zip(models, metas) if meta is None]
+    # Runs that diverged have no model: the training checkpoints say so.
+    ckpt_meta = checkpoint.Checkpointer(os.path.join(class_dir, "checkpoints")).meta() or {}
+    diverged = ckpt_meta.get("diverged") or [None] * len(runs)
+    missing = [model.directory for model, meta, d in zip(models, metas, diverged)
+               if meta is None and d is None]
     if missing:
       raise FileNotFoundError(f"eval.only: no trained model in {missing[0]}; train first "
                               "(the same command without --config.eval.only)")
     _note_data_change(class_name, class_dir, metas, trained_on, "its models are trained on",
                       notes)
     template = engine.unstack(engine.state_template(config, runs[:1], test.features.shape))[0]
-    trained = [(model.restore(template)[0], meta["epoch"]) for model, meta in zip(models, metas)]
+    trained = [(None, d["epoch"]) if d is not None else (model.restore(template)[0], meta["epoch"])
+               for model, meta, d in zip(models, metas, diverged)]
   else:
     train_split = feature_cache.load_or_extract(
         extractor, train_src, config, np.zeros(0, int), f"{class_name} train features", subset,

@@ -336,3 +336,8 @@ def test_main_job_reports_a_diverged_run_and_the_others(tmp_path, monkeypatch, s
     assert any("seed1_k0.25: diverged at epoch 3" in note for note in results["notes"])
     assert "diverged_epoch" in (workdir / "results.csv").read_text()
   assert checkpoint.Checkpointer(workdir / "mvtec_bottle" / "seed1_k0.25" / "model").epochs() == []
+  # Evaluation only: the other run again, the diverged one reported as such.
+  with pytest.raises(experiment.NonFiniteLossError, match="seed 1 alpha 0.25 at epoch 3"):
+    experiment.train_and_evaluate(_config(root, **{"eval.only": True}), str(workdir))
+  evaluated = json.loads((workdir / "results.json").read_text())["rows"]
+  assert _untimed(evaluated) == _untimed(results["rows"])
