@@ -5,12 +5,19 @@ A class directory holds `checkpoints/<epoch>/` (the state during training, every
 the last epoch, or the test-selected one under `eval.selection='test_oracle'`). Orbax writes each
 step to a temporary directory and renames it when complete, so a run killed mid-save leaves the
 previous checkpoint intact and the half-written one is ignored on restore.
+
+A rerun after a crash saves again what the crashed run saved (training and evaluation are
+deterministic), so `Checkpointer.save` keeps an epoch already saved with the same meta, and
+`Checkpointer.keep` removes the epochs a folder should no longer hold (`model/` and `best/` keep
+theirs explicitly rather than by orbax's `max_to_keep`, which keeps the highest epochs).
 """
 import hashlib
 import json
 import os
+from collections.abc import Iterable
 from typing import Any
 
+from absl import logging
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
@@ -39,9 +46,13 @@ class ConfigMismatchError(RuntimeError):
 
 
 class Checkpointer:
-  """Saves and restores `(state, meta)` pairs by epoch; `meta` is a JSON-able dict."""
+  """Saves and restores `(state, meta)` pairs by epoch; `meta` is a JSON-able dict.
 
-  def __init__(self, directory: str | os.PathLike, *, max_to_keep: int = 2):
+  `max_to_keep`: the number of highest epochs kept after a save; None keeps every epoch (then
+  `keep` says which).
+  """
+
+  def __init__(self, directory: str | os.PathLike, *, max_to_keep: int | None = 2):
     self.directory = os.path.abspath(directory)
     self._manager = ocp.CheckpointManager(
         self.directory,
@@ -51,7 +62,22 @@ class Checkpointer:
   def latest_epoch(self) -> int | None:
     return self._manager.latest_step()
 
+  def epochs(self) -> list[int]:
+    """The saved epochs, in increasing order."""
+    return sorted(self._manager.all_steps())
+
   def save(self, epoch: int, state: Any, meta: dict) -> None:
+    """Saves `state` and `meta` as `epoch`.
+
+    An `epoch` saved before with the same `meta` (a rerun after a crash) is kept as it is; one
+    saved with another meta is replaced.
+    """
+    if epoch in self._manager.all_steps():
+      if self.meta(epoch) == json.loads(json.dumps(meta)):
+        logging.info("%s: epoch %d is saved already; kept", self.directory, epoch)
+        return
+      logging.info("%s: replacing epoch %d, saved with other meta", self.directory, epoch)
+      self._manager.delete(epoch)
     self._manager.save(epoch, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
     self._manager.wait_until_finished()
@@ -72,6 +98,11 @@ class Checkpointer:
     if epoch is None:
       return None
     return self._manager.restore(epoch, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+
+  def keep(self, epochs: Iterable[int | None]) -> None:
+    """Deletes every saved epoch not in `epochs` (None entries are ignored)."""
+    for epoch in sorted(set(self._manager.all_steps()) - set(epochs)):
+      self._manager.delete(epoch)
 
   def close(self) -> None:
     self._manager.close()

@@ -165,6 +165,28 @@ def key_fields(source: data.Source, config: ml_collections.ConfigDict,
   return json.loads(json.dumps(fields))  # as read back from the file
 
 
+# What a change of a `key_fields` field means for the data a split holds. `platform`, `versions`
+# and `code` are left out: an upgrade of JAX or of the feature code changes features by rounding,
+# the images are the same.
+_DATA_FIELDS = {
+    "data": "the class's source files (an image or mask added, removed or modified, or the "
+            "data root moved)",
+    "dataset": "the dataset", "class": "the class", "split": "the split",
+    "indices": "the subsample of the training images (dataset.subsample, train.seed)",
+    "geometry": "the image geometry", "mask_rule": "the mask rule",
+    "backbone": "the backbone", "weights": "the backbone weights' content",
+    "layers": "the backbone layers", "patch_size": "the patch size",
+    "pretrain_dim": "the feature dimensions", "target_dim": "the feature dimensions",
+    "dtype": "the feature storage dtype (train.cache_dtype)",
+}
+
+
+def data_changes(recorded: dict, now: dict) -> list[str]:
+  """What differs between two `key_fields` in the data they describe, as phrases (none: [])."""
+  return list(dict.fromkeys(what for field, what in _DATA_FIELDS.items()
+                            if recorded.get(field) != now.get(field)))
+
+
 def entry_path(directory: str, fields: dict) -> str:
   """The cache file of `fields` in `directory`."""
   digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:24]

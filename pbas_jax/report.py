@@ -2,11 +2,12 @@
 
 A results row is the dict of the run-outputs contract: {"dataset", "class", "seed", "i_auroc",
 "i_ap", "p_auroc", "p_ap", "p_pro", "pro_variant", "epoch", "selection", "wall_time_s",
-"images_per_s"} plus optional extra keys (e.g. "alpha", "run"). Metrics are fractions in [0, 1]
-or None where not measurable; tables print them in percent with one decimal. Rows of different
-anomaly degrees (`alpha`) are different methods: each alpha gets its own mean row. Every file is
-written to a temporary name and renamed (`fileio.atomic_write`), so a reader never sees half a
-file. Heatmap panels are `heatmaps.py`'s.
+"images_per_s"} plus optional extra keys (e.g. "alpha", "run"; "diverged_epoch" for a run whose
+training diverged, its metrics None). Metrics are fractions in [0, 1] or None where not
+measurable; tables print them in percent with one decimal. Rows of different anomaly degrees
+(`alpha`) are different methods: each alpha gets its own mean row. Every file is written to a
+temporary name and renamed (`fileio.atomic_write`), so a reader never sees half a file. Heatmap
+panels are `heatmaps.py`'s.
 """
 import csv
 import io
