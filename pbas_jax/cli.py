@@ -27,9 +27,10 @@ def parse_flags(argv: list[str]) -> list[str]:
     key = first.strip("'\"")
     given = [a.split("=")[0] for a in argv[1:]
              if a.startswith("--config.") and key in a.split("=")[0].split(".")]
-    flag = given[0] if given else "a --config override"
-    sys.stderr.write(f"FATAL Flags parsing error: {flag}: the config has no key {key!r}. "
-                     f"{' '.join(rest)}\n".replace(". \n", ".\n"))
+    if not given:  # not an override's key: another error (e.g. inside the config file)
+      raise
+    sys.stderr.write(f"FATAL Flags parsing error: {given[0]}: the config has no key {key!r}."
+                     f"{''.join(' ' + line for line in rest)}\n")
     sys.exit(1)
 
 

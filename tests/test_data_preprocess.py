@@ -157,7 +157,8 @@ def test_load_image_and_its_errors(tmp_path):
   with pytest.raises(FileNotFoundError, match="missing.png does not exist"):
     preprocess.load_image(tmp_path / "missing.png", crop(8, 8))
   (tmp_path / "junk.png").write_bytes(b"not an image")
-  with pytest.raises(DatasetError, match=r"cannot read image file .*junk.png .*replace it"):
+  with pytest.raises(DatasetError,
+                     match=r"cannot read image file .*junk.png .*move it out of the folder"):
     preprocess.load_image(tmp_path / "junk.png", crop(8, 8))
   data = (tmp_path / "a.png").read_bytes()
   (tmp_path / "cut.png").write_bytes(data[:len(data) // 2])

@@ -202,6 +202,11 @@ def test_unknown_config_key_fails_with_a_suggestion(tmp_path):
       "FATAL Flags parsing error: --config.train.epoch: the config has no key 'epoch'. "
       'Did you mean "epochs" instead of "epoch"?']
   assert not (tmp_path / "run").exists()
+  proc = run_main(tmp_path / "run", tmp_path, "--config.trian.xyzzy=5", check=False)
+  assert proc.returncode != 0
+  assert proc.stderr.splitlines() == [
+      "FATAL Flags parsing error: --config.trian.xyzzy: the config has no key 'trian'. "
+      'Did you mean "train" instead of "trian"?']
 
 
 @pytest.mark.parametrize("key,value,message", [
