@@ -134,6 +134,25 @@ def train_runs(config: ml_collections.ConfigDict, class_dir: str,
   return [(s, epochs) for s in final]
 
 
+def decision(state: train.TrainState, train_split: feature_cache.Split, test_scores,
+             test_labels, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> dict:
+  """The run's decision thresholds and what they give on the test set (`report.DECISION_KEYS`).
+
+  The thresholds come from the training images alone (`eval.threshold_quantile` of their scores
+  and map maxima; no test label is used): the only normal images every class has without taking
+  any from training or test. They were trained on, so a new normal image tends to score above
+  them; the test FPR reported here measures how much. The F1-optimal test threshold beside it is
+  selected on the test labels (optimistic).
+  """
+  scores, maps = inference.predict(state, train_split.features, config, mesh)
+  thresholds = metrics_lib.normal_thresholds(scores, maps, config.eval.threshold_quantile)
+  at = metrics_lib.decision_metrics(test_scores, test_labels, thresholds["threshold"])
+  best, best_f1 = metrics_lib.f1_optimal_threshold(test_scores, test_labels)
+  return {**thresholds, "threshold_quantile": config.eval.threshold_quantile,
+          **{f"threshold_{k}": v for k, v in at.items()},
+          "test_selected_threshold": best, "test_selected_f1": best_f1}
+
+
 def run_class(config: ml_collections.ConfigDict, workdir: str, class_name: str, extractor,
               notes: list[str], mesh: jax.sharding.Mesh) -> list[dict]:
   """Prepare, extract, train (or load), evaluate and report one class: a results row per run."""
@@ -162,6 +181,13 @@ def run_class(config: ml_collections.ConfigDict, workdir: str, class_name: str, 
   features_dir = os.path.join(fileio.cache_dir(), "features")
   test = feature_cache.load_or_extract(extractor, test_src, config, keep,
                                        f"{class_name} test features", directory=features_dir)
+  # Training, and the decision threshold of every run (from the training images' scores).
+  train_src = data.load_configured(config, class_name, "train")
+  subset = (data.subsample_indices(len(train_src), config.dataset.subsample, config.train.seed)
+            if config.dataset.subsample < 1 else None)
+  train_split = feature_cache.load_or_extract(
+      extractor, train_src, config, np.zeros(0, int), f"{class_name} train features", subset,
+      directory=features_dir)
   if config.eval.only:
     missing = [model.directory for model, meta in zip(models, metas) if meta is None]
     if missing:
@@ -170,12 +196,6 @@ def run_class(config: ml_collections.ConfigDict, workdir: str, class_name: str, 
     template = engine.unstack(engine.state_template(config, runs[:1], test.features.shape))[0]
     trained = [(model.restore(template)[0], meta["epoch"]) for model, meta in zip(models, metas)]
   else:
-    train_src = data.load_configured(config, class_name, "train")
-    subset = (data.subsample_indices(len(train_src), config.dataset.subsample, config.train.seed)
-              if config.dataset.subsample < 1 else None)
-    train_split = feature_cache.load_or_extract(
-        extractor, train_src, config, np.zeros(0, int), f"{class_name} train features", subset,
-        directory=features_dir)
     trained = train_runs(config, class_dir, train_split, test, runs, mesh)
     for model, (state, epoch) in zip(models, trained):
       model.save(epoch, state, {"config_hash": chash, "epoch": epoch})
@@ -203,7 +223,8 @@ def run_class(config: ml_collections.ConfigDict, workdir: str, class_name: str, 
                              value_range=(float(maps.min()), float(maps.max())))
     rows.append({"dataset": config.dataset.name, "class": class_name, "seed": run.seed,
                  **result, "epoch": epoch, "selection": config.eval.selection,
-                 "images_per_s": images_per_s, "run": r, "alpha": run.k})
+                 "images_per_s": images_per_s, "run": r, "alpha": run.k,
+                 **decision(state, train_split, scores, test.labels, config, mesh)})
   for row in rows:  # the class's time, shared by its runs
     row["wall_time_s"] = (time.time() - t0) / len(runs)
   if jax.process_index() == 0:

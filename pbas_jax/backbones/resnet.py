@@ -9,6 +9,7 @@ Module names mirror torchvision's: torch `layer2.0.downsample.1.running_var` is 
 `batch_stats/layer2_0/downsample_1/var`, which keeps conversion (`weights.from_torch`) a
 renaming; timm's ResNets (e.g. `wide_resnet50_2.tv_in1k`) use the same names.
 """
+import functools
 from typing import Callable, Sequence
 
 import flax.linen as nn
@@ -25,6 +26,23 @@ def _conv(features: int, kernel: int, strides: int, name: str) -> nn.Conv:
   pad = (kernel - 1) // 2  # torch padding: 3 for 7x7, 1 for 3x3, 0 for 1x1, both sides
   return nn.Conv(features, (kernel, kernel), strides=strides, padding=((pad, pad), (pad, pad)),
                  use_bias=False, kernel_init=_torch_conv_init, name=name)
+
+
+def max_pool_3x3_s2(x: jnp.ndarray) -> jnp.ndarray:
+  """torch MaxPool2d(3, stride 2, padding 1) of the stem, NHWC: the maximum of the 9 strided
+  views of the input padded with -inf.
+
+  Written out rather than `nn.max_pool` / `lax.reduce_window` (the same values) so that the
+  detector exports to ONNX: jax2onnx's `nn.max_pool` plugin takes only 'SAME'/'VALID' paddings
+  (neither is torch's symmetric 1 at stride 2), and it lowers `reduce_window_max` to a MaxPool
+  over all four axes, which onnxruntime rejects.
+  """
+  _, h, w, _ = x.shape
+  out_h, out_w = (h - 1) // 2 + 1, (w - 1) // 2 + 1
+  x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
+  views = [x[:, dy:dy + 2 * out_h - 1:2, dx:dx + 2 * out_w - 1:2] for dy in range(3)
+           for dx in range(3)]
+  return functools.reduce(jnp.maximum, views)
 
 
 def _bn(name: str) -> nn.BatchNorm:
@@ -87,7 +105,7 @@ class ResNet(nn.Module):
       raise ValueError(f"ResNet expects NHWC images (B, H, W, 3); got shape {x.shape}.")
     last = max(LEVELS.index(name) for name in self.layers)
     x = nn.relu(_bn("bn1")(_conv(64, 7, 2, "conv1")(x)))
-    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))  # pads with -inf
+    x = max_pool_3x3_s2(x)
     outputs = {}
     for stage, blocks in enumerate(self.stage_sizes[:last + 1]):
       for index in range(blocks):
