@@ -181,7 +181,7 @@ def run_class(config: ml_collections.ConfigDict, workdir: str, class_name: str, 
   features_dir = os.path.join(fileio.cache_dir(), "features")
   test = feature_cache.load_or_extract(extractor, test_src, config, keep,
                                        f"{class_name} test features", directory=features_dir)
-  # Training, and the decision threshold of every run (from the training images' scores).
+  # The training split: to train, and for every run's decision threshold (eval.only too).
   train_src = data.load_configured(config, class_name, "train")
   subset = (data.subsample_indices(len(train_src), config.dataset.subsample, config.train.seed)
             if config.dataset.subsample < 1 else None)

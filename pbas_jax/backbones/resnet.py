@@ -9,10 +9,10 @@ Module names mirror torchvision's: torch `layer2.0.downsample.1.running_var` is 
 `batch_stats/layer2_0/downsample_1/var`, which keeps conversion (`weights.from_torch`) a
 renaming; timm's ResNets (e.g. `wide_resnet50_2.tv_in1k`) use the same names.
 """
-import functools
 from typing import Callable, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 LEVELS = ("layer1", "layer2", "layer3", "layer4")
@@ -28,21 +28,34 @@ def _conv(features: int, kernel: int, strides: int, name: str) -> nn.Conv:
                  use_bias=False, kernel_init=_torch_conv_init, name=name)
 
 
-def max_pool_3x3_s2(x: jnp.ndarray) -> jnp.ndarray:
-  """torch MaxPool2d(3, stride 2, padding 1) of the stem, NHWC: the maximum of the 9 strided
-  views of the input padded with -inf.
+def _max_pool_axis(x: jnp.ndarray, axis: int) -> jnp.ndarray:
+  """Maximum over windows of 3 at stride 2 along `axis` (1 or 2 of NHWC), padded with -inf by 1.
 
-  Written out rather than `nn.max_pool` / `lax.reduce_window` (the same values) so that the
-  detector exports to ONNX: jax2onnx's `nn.max_pool` plugin takes only 'SAME'/'VALID' paddings
-  (neither is torch's symmetric 1 at stride 2), and it lowers `reduce_window_max` to a MaxPool
-  over all four axes, which onnxruntime rejects.
+  The padded axis (even length 2 (n_out + 1)) is read as n_out + 1 pairs: window i is both
+  elements of pair i and the first of pair i + 1.
   """
-  _, h, w, _ = x.shape
-  out_h, out_w = (h - 1) // 2 + 1, (w - 1) // 2 + 1
-  x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
-  views = [x[:, dy:dy + 2 * out_h - 1:2, dx:dx + 2 * out_w - 1:2] for dy in range(3)
-           for dx in range(3)]
-  return functools.reduce(jnp.maximum, views)
+  n = x.shape[axis]
+  n_out = (n - 1) // 2 + 1
+  pad = [(0, 0)] * x.ndim
+  pad[axis] = (1, 2 * n_out + 1 - n)
+  x = jnp.pad(x, pad, constant_values=-jnp.inf)
+  pairs = x.reshape(*x.shape[:axis], n_out + 1, 2, *x.shape[axis + 1:])
+  first, second = (jnp.take(pairs, i, axis=axis + 1) for i in (0, 1))
+  window = lambda v, start: jax.lax.slice_in_dim(v, start, start + n_out, axis=axis)
+  return jnp.maximum(jnp.maximum(window(first, 0), window(second, 0)), window(first, 1))
+
+
+def max_pool_3x3_s2(x: jnp.ndarray) -> jnp.ndarray:
+  """torch MaxPool2d(3, stride 2, padding 1) of the stem (pads with -inf), NHWC: one axis at a
+  time (a 2-D window's maximum is the maximum of its rows' maxima).
+
+  The same values as `nn.max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))`, written with pads,
+  reshapes and unit-stride slices so that the detector exports to ONNX: jax2onnx's `nn.max_pool`
+  plugin takes only 'SAME'/'VALID' paddings (neither is torch's symmetric 1 at stride 2), it
+  lowers `lax.reduce_window_max` to a MaxPool over all four axes, which onnxruntime rejects, and
+  strided slices to gathers.
+  """
+  return _max_pool_axis(_max_pool_axis(x, 1), 2)
 
 
 def _bn(name: str) -> nn.BatchNorm:
