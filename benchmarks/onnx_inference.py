@@ -96,7 +96,7 @@ def main():
         f"({n} images, batch {bs}; export took {export_s:.0f} s)")
   print(f"first batch: scores agree to {result['scores_relative_difference']:.1e}, maps to "
         f"{result['maps_relative_difference']:.1e} relative")
-  side_by_side.finish(result, args, load_start)
+  side_by_side.finish(result, argparse.Namespace(), load_start)  # no torch side to explain
 
 
 if __name__ == "__main__":
