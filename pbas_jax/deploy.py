@@ -185,12 +185,19 @@ def describe(*, geometry: preprocess.Geometry, backbone: dict, dataset: str, cla
                 "image_size": geometry.size, "resize": geometry.resize,
                 "resize_mode": geometry.mode,
                 "resample": "PIL bilinear (antialiased), then / 255",
-                "mean": preprocess.IMAGENET_MEAN.tolist(), "std": preprocess.IMAGENET_STD.tolist()},
+                # str(): the float32 constants' shortest decimals (0.485, not 0.48500001...)
+                "mean": [float(str(v)) for v in preprocess.IMAGENET_MEAN],
+                "std": [float(str(v)) for v in preprocess.IMAGENET_STD]},
       "outputs": {"scores": "(batch,) image anomaly scores (maximum patch score)",
                   "maps": f"(batch, {geometry.size}, {geometry.size}) pixel anomaly maps"},
       "backbone": backbone, "dataset": dataset, "class": class_name, "run": run, "epoch": epoch,
       "config_hash": config_hash,
-      "decision": decision,
+      "decision": decision and {
+          **decision,
+          "rule": "an image is anomalous where score > threshold, a pixel where map > "
+                  "pixel_threshold; both are the threshold_quantile of the training images' "
+                  "scores and map maxima; threshold_fpr/fnr/f1 are what threshold gives on the "
+                  "test set; test_selected_* maximize test F1 (chosen with test labels)"},
   }
 
 
