@@ -7,7 +7,8 @@ writes `<workdir>/export/<dataset>_<class>.onnx` and `.json` (one pair per run, 
 `<dataset>_<class>_<run>` when several runs trained together). The graph is the evaluation's
 inference, traced once by jax2onnx (the `onnx` extra): images (B, S, S, 3), any B -> backbone ->
 `features.patch_features` -> `train.score_patches` -> `inference.scores_and_maps` -> image
-scores (B,) and maps (B, S, S). `pbas_jax.predict --detector=<file>.onnx` runs it on onnxruntime.
+scores (B,) and maps (B, S, S). Each graph is run on onnxruntime and compared with JAX on a
+random batch before it is written (`check`). `pbas_jax.predict --detector=<file>.onnx` runs it.
 """
 import contextlib
 import json
