@@ -88,6 +88,30 @@ def test_threshold_decision_table_in_reports(tmp_path):
   assert float(rows[0]["threshold"]) == pytest.approx(0.61234) and rows[1]["threshold"] == ""
 
 
+def test_threshold_missing_writes_scores_without_decisions(tmp_path):
+  """A model reported before thresholds existed: scores, no decision, no mask; several runs get
+  a column set each; a skipped file keeps its reason."""
+  maps = np.zeros((2, 4, 4), np.float32)
+  maps[1, 0, :3] = 0.9
+  runs = {"seed0_k0.25": deploy.Scored(np.array([0.1, 0.9]), maps, None, None),
+          "seed1_k0.25": deploy.Scored(np.array([0.2, 0.8]), maps, 0.5, 0.5)}
+  images = np.zeros((2, 4, 4, 3), np.float32)
+  deploy.write_predictions(str(tmp_path), ["a.png", "a.jpg"], images, runs,
+                           [("c.png", "cannot read")], heatmaps=0)
+  rows = _read_csv(tmp_path / "scores.csv")
+  assert list(rows[0]) == ["file", "score_seed0_k0.25", "anomalous_seed0_k0.25",
+                           "defect_pixels_seed0_k0.25", "score_seed1_k0.25",
+                           "anomalous_seed1_k0.25", "defect_pixels_seed1_k0.25", "skipped"]
+  assert [r["anomalous_seed0_k0.25"] for r in rows] == ["", "", ""]
+  assert [r["anomalous_seed1_k0.25"] for r in rows] == ["0", "1", ""]
+  assert [r["defect_pixels_seed1_k0.25"] for r in rows] == ["0", "3", ""]
+  assert rows[2] == {**{k: "" for k in rows[2]}, "file": "c.png", "skipped": "cannot read"}
+  assert not (tmp_path / "masks" / "seed0_k0.25").exists()
+  # Stems that collide keep their extension in the mask's name.
+  assert sorted(os.listdir(tmp_path / "masks" / "seed1_k0.25")) == ["a.jpg_mask.png",
+                                                                   "a.png_mask.png"]
+
+
 # ---------------------------------------------------------------------------------------------
 # A trained smoke class per backbone (in process: 1 epoch, 32 px, random weights).
 
