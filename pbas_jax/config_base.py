@@ -94,6 +94,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.heatmaps = 20              # heatmap panels written per class (0 = none, -1 = all)
   c.eval.batch_size = 16
   c.eval.only = False               # evaluate a trained model from the workdir, no training
+  # Ours: the decision threshold (predict's yes/no and defect masks) is this quantile of the
+  # training images' scores (metrics.normal_thresholds); the five metrics do not use it.
+  c.eval.threshold_quantile = 0.99
 
   return c
 
@@ -137,6 +140,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if not 0 <= config.train.param_ema < 1:
     raise ValueError(f"--config.train.param_ema={config.train.param_ema}: use 0 (off) or a decay "
                      "in (0, 1), e.g. 0.999")
+  if not 0 < config.eval.threshold_quantile <= 1:
+    raise ValueError(f"--config.eval.threshold_quantile={config.eval.threshold_quantile}: use a "
+                     "value in (0, 1] (1 = the largest training image score)")
   if config.eval.every_epochs < 0:
     raise ValueError(f"--config.eval.every_epochs={config.eval.every_epochs}: use 0 (only after "
                      "the last epoch) or a positive interval")

@@ -231,6 +231,25 @@ def _note_data_change(class_name: str, class_dir: str, metas: list[dict | None],
     notes.append(message)
 
 
+def decision(state: train.TrainState, train_split: feature_cache.Split, test_scores,
+             test_labels, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> dict:
+  """The run's decision thresholds and what they give on the test set (`report.DECISION_KEYS`).
+
+  The thresholds come from the training images alone (`eval.threshold_quantile` of their scores
+  and map maxima; no test label is used): the only normal images every class has without taking
+  any from training or test. They were trained on, so a new normal image tends to score above
+  them; the test FPR reported here measures how much. The F1-optimal test threshold beside it is
+  selected on the test labels (optimistic).
+  """
+  scores, maps = inference.predict(state, train_split.features, config, mesh)
+  thresholds = metrics_lib.normal_thresholds(scores, maps, config.eval.threshold_quantile)
+  at = metrics_lib.decision_metrics(test_scores, test_labels, thresholds["threshold"])
+  best, best_f1 = metrics_lib.f1_optimal_threshold(test_scores, test_labels)
+  return {**thresholds, "threshold_quantile": config.eval.threshold_quantile,
+          **{f"threshold_{k}": v for k, v in at.items()},
+          "test_selected_threshold": best, "test_selected_f1": best_f1}
+
+
 def run_class(config: ml_collections.ConfigDict, workdir: str, class_name: str, extractor,
               notes: list[str], mesh: jax.sharding.Mesh) -> list[dict]:
   """Prepare, extract, train (or load), evaluate and report one class: a results row per run.
@@ -276,6 +295,10 @@ def run_class(config: ml_collections.ConfigDict, workdir: str, class_name: str, 
   test = feature_cache.load_or_extract(extractor, test_src, config, keep,
                                        f"{class_name} test features", directory=features_dir)
   train_src, subset, trained_on = _train_data(config, class_name)
+  # The training features: to train, and for every run's decision threshold (eval.only too).
+  train_split = feature_cache.load_or_extract(
+      extractor, train_src, config, np.zeros(0, int), f"{class_name} train features", subset,
+      directory=features_dir)
   if config.eval.only:
     # Runs that diverged have no model: the training checkpoints say so.
     ckpt_meta = checkpoint.Checkpointer(os.path.join(class_dir, "checkpoints")).meta() or {}
@@ -291,9 +314,6 @@ def run_class(config: ml_collections.ConfigDict, workdir: str, class_name: str, 
     trained = [(None, d["epoch"]) if d is not None else (model.restore(template)[0], meta["epoch"])
                for model, meta, d in zip(models, metas, diverged)]
   else:
-    train_split = feature_cache.load_or_extract(
-        extractor, train_src, config, np.zeros(0, int), f"{class_name} train features", subset,
-        directory=features_dir)
     trained = train_runs(config, class_dir, train_split, test, runs, mesh, trained_on)
     for model, (state, epoch) in zip(models, trained):
       if state is not None:
@@ -336,7 +356,8 @@ def run_class(config: ml_collections.ConfigDict, workdir: str, class_name: str, 
                              [test.names[i] for i in keep], scores[keep], limit=-1,
                              value_range=(float(maps.min()), float(maps.max())))
     rows.append({**row, **result, "epoch": epoch, "selection": config.eval.selection,
-                 "images_per_s": images_per_s, "run": r, "alpha": run.k})
+                 "images_per_s": images_per_s, "run": r, "alpha": run.k,
+                 **decision(state, train_split, scores, test.labels, config, mesh)})
   for row in rows:  # the class's time, shared by its runs
     row["wall_time_s"] = (time.time() - t0) / len(runs)
   if jax.process_index() == 0:

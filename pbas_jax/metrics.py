@@ -266,3 +266,70 @@ def compute_all(image_scores, image_labels, maps=None, masks=None,
     attempt("p_pro", aupro if pro_variant == "standard" else aupro_reference, maps, masks)
   out["notes"] = notes
   return out
+
+
+# ---------------------------------------------------------------------------------------------
+# A decision: anomalous where score > threshold (our addition; the five metrics above are
+# threshold-free).
+
+
+def normal_thresholds(scores, maps, quantile: float) -> dict[str, float]:
+  """Thresholds chosen from normal images only, without labels of any test image.
+
+  Args:
+    scores: (N,) image scores of normal images (the class's training images).
+    maps: (N, S, S) their anomaly maps.
+    quantile: in (0, 1]; 1 = the largest value seen on a normal image.
+
+  Returns:
+    {"threshold": the `quantile` of the image scores (numpy's linear interpolation),
+     "pixel_threshold": the same quantile of each map's maximum}: an image is anomalous where its
+    score exceeds `threshold`, a pixel where its map value exceeds `pixel_threshold`, so that a
+    fraction of about 1 - quantile of such normal images gets a defect or any defect pixel.
+  """
+  if not 0 < quantile <= 1:
+    raise ValueError(f"eval.threshold_quantile={quantile} must be in (0, 1]")
+  scores = _as_scores(np.ravel(scores), "normal image scores")
+  peaks = _as_scores(np.asarray(maps).reshape(len(scores), -1).max(axis=1), "normal maps")
+  return {"threshold": float(np.quantile(scores, quantile)),
+          "pixel_threshold": float(np.quantile(peaks, quantile))}
+
+
+def decision_metrics(scores, labels, threshold: float) -> dict[str, float | None]:
+  """What the decision `score > threshold` gives on labelled images (1 = anomalous).
+
+  Returns:
+    {"fpr": normal images called anomalous / normal images, "fnr": anomalous images missed /
+    anomalous images, "f1": F1 of the anomalous class}; a rate is None when its class is absent,
+    F1 is None when there is no anomalous image.
+  """
+  scores = _as_scores(np.ravel(scores), "image scores")
+  positive = np.ravel(labels).astype(bool)
+  called = scores > threshold
+  tp, fp = int(np.sum(called & positive)), int(np.sum(called & ~positive))
+  fn, negatives = int(np.sum(~called & positive)), int(np.sum(~positive))
+  return {"fpr": fp / negatives if negatives else None,
+          "fnr": fn / (tp + fn) if tp + fn else None,
+          "f1": 2 * tp / (2 * tp + fp + fn) if tp + fn else None}
+
+
+def f1_optimal_threshold(scores, labels) -> tuple[float | None, float | None]:
+  """(threshold, F1) of the decision `score > threshold` with the best F1 on these labels.
+
+  The threshold is the midpoint between the two neighbouring distinct scores where the decision
+  changes (below the smallest score when every image is called anomalous). It is selected on the
+  labels given, so on a test set it is optimistic: report it as test-selected. (None, None) when
+  there is no anomalous image.
+  """
+  scores = _as_scores(np.ravel(scores), "image scores").astype(np.float64)  # exact midpoints
+  positive = np.ravel(labels).astype(bool)
+  if not positive.any():
+    return None, None
+  distinct = np.unique(scores)
+  below = distinct[0] - max(1.0, abs(distinct[0])) * 1e-6
+  candidates = np.concatenate([[below], (distinct[:-1] + distinct[1:]) / 2])
+  called = scores[None, :] > candidates[:, None]  # (T, N)
+  tp = np.sum(called & positive, axis=1)
+  f1 = 2 * tp / (2 * tp + np.sum(called & ~positive, axis=1) + np.sum(~called & positive, axis=1))
+  best = int(np.argmax(f1))
+  return float(candidates[best]), float(f1[best])

@@ -24,6 +24,14 @@ METRIC_KEYS = ("i_auroc", "i_ap", "p_auroc", "p_ap", "p_pro")
 METRIC_TITLES = ("I-AUROC", "I-AP", "P-AUROC", "P-AP", "P-PRO")
 ROW_KEYS = ("dataset", "class", "seed", *METRIC_KEYS, "pro_variant", "epoch", "selection",
             "wall_time_s", "images_per_s")
+# A run's decision (experiment.decision): thresholds from its training images, what they give on
+# the test set (rates and F1 as fractions), and the test-selected F1-optimal threshold. Shown in a
+# table of their own; mean rows leave them out (thresholds of different classes do not average).
+DECISION_KEYS = ("threshold_quantile", "threshold", "pixel_threshold", "threshold_fpr",
+                 "threshold_fnr", "threshold_f1", "test_selected_threshold", "test_selected_f1")
+_DECISION_TITLES = ("quantile", "threshold", "pixel thr.", "FPR", "FNR", "F1",
+                    "test-selected thr.", "test-selected F1")
+_DECISION_PERCENT = ("threshold_fpr", "threshold_fnr", "threshold_f1", "test_selected_f1")
 SELECTIONS = ("last", "test_oracle")
 TEST_ORACLE_NOTE = ("MODEL SELECTED ON THE TEST SET (selection='test_oracle'): each class reports "
                     "the epoch with the highest test I-AUROC + P-AUROC, as the reference code "
@@ -103,14 +111,16 @@ def _all_notes(selection: str, notes: Iterable[str]) -> list[str]:
 
 
 def _extra_keys(rows: Sequence[dict[str, Any]]) -> list[str]:
-  return sorted({k for r in rows for k in r} - set(ROW_KEYS))
+  return sorted({k for r in rows for k in r} - set(ROW_KEYS) - set(DECISION_KEYS))
 
 
 def _cell(key: str, value: Any) -> str:
   if value is None:
     return "-"
-  if key in METRIC_KEYS:
+  if key in METRIC_KEYS or key in _DECISION_PERCENT:
     return f"{100 * value:.1f}"
+  if key in ("threshold", "pixel_threshold", "test_selected_threshold"):
+    return f"{value:.4g}"
   if isinstance(value, float):
     return f"{value:.1f}" if key in ("wall_time_s", "images_per_s") else f"{value:g}"
   return str(value)
@@ -127,6 +137,21 @@ def _table(rows: Sequence[dict[str, Any]], means: Sequence[dict[str, Any]]) -> l
     if mean.get("epoch") is None:
       lines[-1][keys.index("epoch")] = "varies"
   return [header, *lines]
+
+
+def _decision_table(rows: Sequence[dict[str, Any]]) -> list[list[str]]:
+  """Header and cells of the decision table (`DECISION_KEYS`); empty when no row has one."""
+  if not any("threshold" in r for r in rows):
+    return []
+  names = ["dataset", "class", *[k for k in ("seed", "alpha") if k in _extra_keys(rows)]]
+  return [[*names, *_DECISION_TITLES],
+          *[[_cell(k, r.get(k)) for k in (*names, *DECISION_KEYS)] for r in rows]]
+
+
+_DECISION_NOTE = ("decision: an image is anomalous where its score > threshold, chosen from the "
+                  "training images alone (the quantile of their scores); FPR, FNR and F1 are "
+                  "what it gives on the test set; the test-selected threshold maximizes test F1 "
+                  "and is optimistic")
 
 
 def _variant(means: Sequence[dict[str, Any]]) -> str:
@@ -146,6 +171,12 @@ def format_table(rows: Sequence[dict[str, Any]], selection: str = "last",
   rule = "  ".join("-" * w for w in widths)
   text = [text[0], rule, *text[1:-len(means)], rule, *text[-len(means):]]
   text.append(f"selection: {selection}; P-PRO variant: {_variant(means)}")
+  decision = _decision_table(rows)
+  if decision:
+    widths = [max(len(line[i]) for line in decision) for i in range(len(decision[0]))]
+    text += ["", *["  ".join(c.ljust(w) if i < 2 else c.rjust(w)
+                             for i, (c, w) in enumerate(zip(line, widths))) for line in decision],
+             _DECISION_NOTE]
   text += [f"note: {n}" for n in _all_notes(selection, [*notes, *mean_notes])]
   return "\n".join(text)
 
@@ -160,13 +191,19 @@ def _markdown(rows, means, selection, notes) -> str:
   out += ["| " + " | ".join(f"**{c}**" for c in line) + " |" for line in table[-len(means):]]
   out += ["", f"Metrics in percent. Selection: `{selection}`; P-PRO variant: "
           f"`{_variant(means)}`; time (s) of a mean row is the total.", ""]
+  decision = _decision_table(rows)
+  if decision:
+    out += ["## Decision", "", "| " + " | ".join(decision[0]) + " |", "|" + "---|" * len(decision[0])]
+    out += ["| " + " | ".join(line) + " |" for line in decision[1:]]
+    out += ["", f"{_DECISION_NOTE[0].upper()}{_DECISION_NOTE[1:]}; rates in percent.", ""]
   if notes:
     out += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
   return "\n".join(out)
 
 
 def _csv(rows, means, selection) -> str:
-  columns = [*ROW_KEYS, *_extra_keys(rows), "test_set_used_for_selection"]
+  decision = [k for k in DECISION_KEYS if any(k in r for r in rows)]
+  columns = [*ROW_KEYS, *_extra_keys(rows), *decision, "test_set_used_for_selection"]
   buf = io.StringIO()
   writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
   writer.writeheader()

@@ -20,9 +20,9 @@ from pbas_jax import engine
 from pbas_jax import experiment
 from pbas_jax import feature_cache
 from pbas_jax import features as features_lib
-from pbas_jax import predict
 from pbas_jax import report
 from pbas_jax import sharding
+from pbas_jax import trained
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # resnet18 compiles several times faster than the default WRN50; the real-data test keeps WRN50.
@@ -109,17 +109,17 @@ def test_smoke_end_to_end_and_finished_class_is_skipped(tmp_path):
 
   # predict: unlabelled images scored by the trained model, as the evaluation scored them.
   out = tmp_path / "predicted"
-  scored = predict.predict_folder(str(workdir), "bottle", str(root / "bottle" / "test" / "crack"),
-                                  str(out), heatmaps=2)
-  assert [name for name, _ in scored] == ["000.png", "001.png", "002.png"]
+  names, _, skipped = trained.predict_folder(
+      str(workdir), "bottle", str(root / "bottle" / "test" / "crack"), str(out), heatmaps=2)
+  assert names == ["000.png", "001.png", "002.png"] and not skipped
   lines = (out / "scores.csv").read_text().splitlines()
-  assert lines[0] == "file,score" and len(lines) == 4
+  assert lines[0] == "file,score,anomalous,defect_pixels,skipped" and len(lines) == 4
   assert len(list((out / "heatmaps").glob("*.png"))) == 2
   with pytest.raises(FileNotFoundError, match="no image files"):
-    predict.predict_folder(str(workdir), "bottle", str(tmp_path / "empty"), str(out))
+    trained.predict_folder(str(workdir), "bottle", str(tmp_path / "empty"), str(out))
   # A class without a trained model: the error names where it looked; nothing is created.
   with pytest.raises(FileNotFoundError, match=re.escape(str(workdir / "mvtec_cable" / "model"))):
-    predict.predict_folder(str(workdir), "cable", str(root / "bottle" / "test" / "crack"),
+    trained.predict_folder(str(workdir), "cable", str(root / "bottle" / "test" / "crack"),
                            str(tmp_path / "nothing"))
   assert not (workdir / "mvtec_cable").exists() and not (tmp_path / "nothing").exists()
 

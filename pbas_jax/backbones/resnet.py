@@ -12,6 +12,7 @@ renaming; timm's ResNets (e.g. `wide_resnet50_2.tv_in1k`) use the same names.
 from typing import Callable, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 LEVELS = ("layer1", "layer2", "layer3", "layer4")
@@ -25,6 +26,36 @@ def _conv(features: int, kernel: int, strides: int, name: str) -> nn.Conv:
   pad = (kernel - 1) // 2  # torch padding: 3 for 7x7, 1 for 3x3, 0 for 1x1, both sides
   return nn.Conv(features, (kernel, kernel), strides=strides, padding=((pad, pad), (pad, pad)),
                  use_bias=False, kernel_init=_torch_conv_init, name=name)
+
+
+def _max_pool_axis(x: jnp.ndarray, axis: int) -> jnp.ndarray:
+  """Maximum over windows of 3 at stride 2 along `axis` (1 or 2 of NHWC), padded with -inf by 1.
+
+  The padded axis (even length 2 (n_out + 1)) is read as n_out + 1 pairs: window i is both
+  elements of pair i and the first of pair i + 1.
+  """
+  n = x.shape[axis]
+  n_out = (n - 1) // 2 + 1
+  pad = [(0, 0)] * x.ndim
+  pad[axis] = (1, 2 * n_out + 1 - n)
+  x = jnp.pad(x, pad, constant_values=-jnp.inf)
+  pairs = x.reshape(*x.shape[:axis], n_out + 1, 2, *x.shape[axis + 1:])
+  first, second = (jnp.take(pairs, i, axis=axis + 1) for i in (0, 1))
+  window = lambda v, start: jax.lax.slice_in_dim(v, start, start + n_out, axis=axis)
+  return jnp.maximum(jnp.maximum(window(first, 0), window(second, 0)), window(first, 1))
+
+
+def max_pool_3x3_s2(x: jnp.ndarray) -> jnp.ndarray:
+  """torch MaxPool2d(3, stride 2, padding 1) of the stem (pads with -inf), NHWC: one axis at a
+  time (a 2-D window's maximum is the maximum of its rows' maxima).
+
+  The same values as `nn.max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))`, written with pads,
+  reshapes and unit-stride slices so that the detector exports to ONNX: jax2onnx's `nn.max_pool`
+  plugin takes only 'SAME'/'VALID' paddings (neither is torch's symmetric 1 at stride 2), it
+  lowers `lax.reduce_window_max` to a MaxPool over all four axes, which onnxruntime rejects, and
+  strided slices to gathers.
+  """
+  return _max_pool_axis(_max_pool_axis(x, 1), 2)
 
 
 def _bn(name: str) -> nn.BatchNorm:
@@ -87,7 +118,7 @@ class ResNet(nn.Module):
       raise ValueError(f"ResNet expects NHWC images (B, H, W, 3); got shape {x.shape}.")
     last = max(LEVELS.index(name) for name in self.layers)
     x = nn.relu(_bn("bn1")(_conv(64, 7, 2, "conv1")(x)))
-    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))  # pads with -inf
+    x = max_pool_3x3_s2(x)
     outputs = {}
     for stage, blocks in enumerate(self.stage_sizes[:last + 1]):
       for index in range(blocks):

@@ -1,26 +1,31 @@
-"""Datasets: TFDS builders (MVTec AD, VisA, MPDD, users' folders), preprocessing, batching."""
-from pbas_jax.data.builders import DATASETS
-from pbas_jax.data.builders import IMAGE_EXTENSIONS
-from pbas_jax.data.builders import classes
-from pbas_jax.data.builders import image_files
-from pbas_jax.data.builders import prepare
-from pbas_jax.data.configured import check_sources
-from pbas_jax.data.configured import class_names
-from pbas_jax.data.configured import data_dir
-from pbas_jax.data.configured import load_configured
-from pbas_jax.data.configured import source_of
-from pbas_jax.data.loader import CropReport
-from pbas_jax.data.loader import Source
-from pbas_jax.data.loader import batches
-from pbas_jax.data.loader import crop_losses
-from pbas_jax.data.loader import load_split
-from pbas_jax.data.loader import subsample_indices
-from pbas_jax.data.preprocess import DatasetError
-from pbas_jax.data.preprocess import DatasetNotFoundError
-from pbas_jax.data.preprocess import Geometry
-from pbas_jax.data.preprocess import IMAGENET_MEAN
-from pbas_jax.data.preprocess import IMAGENET_STD
-from pbas_jax.data.preprocess import RESIZE_MODES
-from pbas_jax.data.preprocess import geometry
-from pbas_jax.data.preprocess import load_image
-from pbas_jax.data.preprocess import MASK_MODES
+"""Datasets: TFDS builders (MVTec AD, VisA, MPDD, users' folders), preprocessing, batching.
+
+`data.<name>` imports the submodule that defines `<name>` on first use (PEP 562), so importing
+`pbas_jax.data.preprocess` alone (numpy and PIL: what `pbas_jax.deploy` runs on, without JAX or
+TFDS) does not import the builders.
+"""
+import importlib
+
+_EXPORTS = {
+    "builders": ("DATASETS", "classes", "prepare"),
+    "configured": ("check_sources", "class_names", "data_dir", "load_configured", "source_of"),
+    "loader": ("CropReport", "Source", "batches", "crop_losses", "load_split",
+               "subsample_indices"),
+    "preprocess": ("DatasetError", "DatasetNotFoundError", "Geometry", "IMAGE_EXTENSIONS",
+                   "IMAGENET_MEAN", "IMAGENET_STD", "MASK_MODES", "RESIZE_MODES", "geometry",
+                   "image_files", "load_image"),
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str):
+  if name not in _MODULE_OF:
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+  value = getattr(importlib.import_module(f"{__name__}.{_MODULE_OF[name]}"), name)
+  globals()[name] = value  # later lookups skip __getattr__
+  return value
+
+
+def __dir__():
+  return sorted({*globals(), *__all__})

@@ -59,6 +59,7 @@ import tqdm
 
 from pbas_jax.data import preprocess
 from pbas_jax.data.preprocess import DatasetError, DatasetNotFoundError
+from pbas_jax.data.preprocess import IMAGE_EXTENSIONS, image_files
 
 CLASSES = {
     "mvtec": ("carpet", "grid", "leather", "tile", "wood", "bottle", "cable", "capsule",
@@ -69,7 +70,6 @@ CLASSES = {
              "pcb1", "pcb2", "pcb3", "pcb4", "pipe_fryum"),
 }
 DATASETS = ("mvtec", "visa", "mpdd", "folder")
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 # Folder class names become TFDS config names and directory names.
 _CLASS_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _VISA_CSV = os.path.join("split_csv", "1cls.csv")
@@ -121,13 +121,6 @@ def _existing_root(root, dataset: str) -> pathlib.Path:
     raise DatasetNotFoundError(f"dataset.root {path} does not exist or is not a folder: point it "
                                f"at the extracted {dataset} data")
   return path.resolve()
-
-
-def image_files(folder) -> list:
-  """Image files (`IMAGE_EXTENSIONS`) of a folder as paths, sorted by name; hidden and other files
-  are ignored. Used by the builders and by `pbas_jax.predict`."""
-  return sorted(p for p in pathlib.Path(folder).iterdir() if p.is_file()
-                and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
 def _subdirs(folder: pathlib.Path) -> list:

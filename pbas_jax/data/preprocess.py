@@ -28,11 +28,13 @@ returns a float32 0/1 map, so downstream code reads `mask > 0.5` whatever the da
 import dataclasses
 import io
 import os
+import pathlib
 from typing import Union
 
 import numpy as np
 from PIL import Image
 
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 MASK_RULES = ("exact", "positive", "binary")
@@ -48,6 +50,13 @@ class DatasetError(ValueError):
 
 class DatasetNotFoundError(DatasetError, FileNotFoundError):
   """A raw data folder or file, or the prepared data, does not exist."""
+
+
+def image_files(folder) -> list:
+  """Image files (`IMAGE_EXTENSIONS`) of a folder as paths, sorted by name; hidden and other files
+  are ignored. Used by the builders and by `pbas_jax.predict`."""
+  return sorted(p for p in pathlib.Path(folder).iterdir() if p.is_file()
+                and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
 def open_image(source: Union[bytes, str, os.PathLike], name: str) -> Image.Image:
