@@ -31,6 +31,7 @@ from pbas_jax import features as features_lib
 from pbas_jax import fileio
 from pbas_jax import heatmaps
 from pbas_jax import inference
+from pbas_jax import memory
 from pbas_jax import metrics as metrics_lib
 from pbas_jax import report
 from pbas_jax import sharding
@@ -74,7 +75,7 @@ def train_runs(config: ml_collections.ConfigDict, class_dir: str,
     `eval.selection='test_oracle'` (test curves are recorded every `eval.every_epochs`).
   """
   epochs, dirs = config.train.epochs, run_dirs(class_dir, runs)
-  features = sharding.put(train_split.features, sharding.replicated(mesh))  # once per device
+  features = train_split.features  # split over the mesh's data devices by the engine
   oracle = config.eval.selection == "test_oracle"
   every = config.eval.every_epochs or (1 if oracle else 0)
   chash = checkpoint.config_hash(config)
@@ -90,10 +91,16 @@ def train_runs(config: ml_collections.ConfigDict, class_dir: str,
   else:
     states = engine.init_states(config, runs, features, mesh)
 
-  trainer = engine.Trainer(config, runs, mesh)
   log = curves.EpochLog(class_dir, dirs, start)
   bar = tqdm.trange(start, epochs, initial=start, total=epochs, unit="epoch",
                     desc=os.path.basename(class_dir), disable=jax.process_index() != 0)
+
+  def progress(done: int, m: dict):  # each epoch as it finishes, from inside the engine's call
+    bar.set_postfix({name: f"{m[name][0]:.3g}" for name in ("loss", "p_true", "p_fake")
+                     if name in m}, refresh=False)
+    bar.update(done - bar.n)
+
+  trainer = engine.Trainer(config, runs, mesh, on_epoch=progress)
   epoch = start
   try:
     while epoch < epochs:
@@ -116,10 +123,7 @@ def train_runs(config: ml_collections.ConfigDict, class_dir: str,
               best[r] = {"epoch": done, "score": _test_score(result)}
               best_ckpts[r].save(done, run_states[r], {"config_hash": chash, "epoch": done})
           log.write(r, record)
-      m = per_epoch[-1][0]
-      bar.set_postfix({name: f"{m[name]:.3g}" for name in ("loss", "p_true", "p_fake")
-                       if name in m}, refresh=False)
-      bar.update(stop - epoch)
+      bar.update(stop - bar.n)
       epoch = stop
       if epoch % config.train.checkpoint_every == 0 or epoch == epochs:
         ckpts.save(epoch, states, {"config_hash": chash, "epoch": epoch, "best": best,
@@ -154,6 +158,9 @@ def run_class(config: ml_collections.ConfigDict, workdir: str, class_name: str, 
 
   t0 = time.time()
   test_src = data.load_configured(config, class_name, "test")
+  train_src = None if config.eval.only else data.load_configured(config, class_name, "train")
+  if train_src is not None:  # stop before any extraction when training cannot fit
+    memory.check(config, len(train_src), features_lib.feature_shape(config), mesh, class_name)
   cropped = data.crop_losses(test_src).message()  # "" when the crop keeps every defect pixel
   if cropped:
     logging.warning("%s", cropped)
@@ -170,11 +177,9 @@ def run_class(config: ml_collections.ConfigDict, workdir: str, class_name: str, 
     template = engine.unstack(engine.state_template(config, runs[:1], test.features.shape))[0]
     trained = [(model.restore(template)[0], meta["epoch"]) for model, meta in zip(models, metas)]
   else:
-    train_src = data.load_configured(config, class_name, "train")
-    subset = (data.subsample_indices(len(train_src), config.dataset.subsample, config.train.seed)
-              if config.dataset.subsample < 1 else None)
+    # Every training image: each run draws its own dataset.subsample from them (engine).
     train_split = feature_cache.load_or_extract(
-        extractor, train_src, config, np.zeros(0, int), f"{class_name} train features", subset,
+        extractor, train_src, config, np.zeros(0, int), f"{class_name} train features",
         directory=features_dir)
     trained = train_runs(config, class_dir, train_split, test, runs, mesh)
     for model, (state, epoch) in zip(models, trained):
@@ -219,7 +224,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   `sharding.initialize_distributed`); all devices of all processes form one mesh.
   """
   config_base.validate(config)
-  mesh = sharding.make_mesh()
+  mesh = engine.mesh_of(config)
   main_process = jax.process_index() == 0
   if main_process:
     os.makedirs(workdir, exist_ok=True)
