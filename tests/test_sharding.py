@@ -159,6 +159,19 @@ def test_mesh_layouts_equal_one_device(num_runs, layout, batch_size):
     assert_states_close(a, b)
 
 
+def test_memory_plan_that_cannot_fit_stops_naming_the_settings_that_help(monkeypatch):
+  config = small_config()
+  mesh = sharding.make_mesh()
+  plan = memory.check(config, 10, (4, 4, 32), mesh, "part")  # CPU: no limit reported, no stop
+  assert plan["bytes_limit"] is None and plan["total"] > plan["features_per_device"] > 0
+  monkeypatch.setattr(memory, "device_limit", lambda mesh: plan["total"] - 1)
+  with pytest.raises(MemoryError, match=r"part: .*train.cache_dtype=bfloat16.*more devices.*"
+                                        r"dataset.image_size"):
+    memory.check(config, 10, (4, 4, 32), mesh, "part")
+  monkeypatch.setattr(memory, "device_limit", lambda mesh: plan["total"])
+  memory.check(config, 10, (4, 4, 32), mesh, "part")
+
+
 COLLECTIVES = re.compile(r"\b(all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute|"
                          r"collective-broadcast)(-start)?\(")
 
@@ -205,6 +218,13 @@ def test_features_split_over_data_devices_hold_their_rows():
   config.train.num_runs = 2
   plan = memory.plan(config, n_images=10, feature_shape=features.shape[1:], mesh=mesh)
   assert plan["features_per_device"] == 3 * row_bytes
+  one = memory.plan(config, n_images=10, feature_shape=features.shape[1:],
+                    mesh=sharding.make_mesh(jax.devices()[:1]))
+  assert one["features_per_device"] == 10 * row_bytes
+  assert one["state_per_device"] == 2 * plan["state_per_device"]  # 2 runs vs 1 per device
+  config.train.cache_dtype = "bfloat16"
+  assert memory.plan(config, 10, features.shape[1:], mesh)["features_per_device"] == (
+      3 * row_bytes // 2)
   idx = jnp.asarray([9, 0, 4, 4, 7, 1, 2, 3], jnp.int32)
   for size in (8, 6):  # split over the 4 data devices, and whole
     batch = jax.jit(lambda f, i: sharding.gather_rows(f, i, mesh))(placed, idx[:size])
