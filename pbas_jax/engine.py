@@ -9,13 +9,20 @@ One call of `Trainer.train` is one jitted program over `num_epochs` epochs: each
 per-step keys are derived on device from the run's key and the epoch number (`epoch_plan`), the
 full batches run inside `jax.lax.scan`, the last partial batch is one more step of its own size (as
 the reference's loader keeps it: BatchNorm statistics are those of that batch), metrics are summed
-on device and fetched once per call, and the state is donated. The step is the pure
-`train.make_train_step`, vmapped over the run axis.
+on device and fetched once per call (and, with `on_epoch`, reported to the host as each epoch
+finishes), and the state is donated. A run's epoch is written for one run and mapped over the run
+axis by `over_runs`: `jax.vmap` for R > 1, and for R = 1 the plain single-run program (the run
+axis of one squeezed at entry, restored at exit). The step is the pure `train.make_train_step`.
 
-Sharding (`sharding.py`): one strategy for every path. The state, features and keys are
-replicated over the mesh; each gathered batch `(R, B, H, W, D)` is split over the `data` axis
-along B, or replicated when the device count does not divide B, so batch statistics are always
-those of the whole batch. One device is a one-device mesh.
+Under `dataset.subsample < 1` each run trains on its own seed's subset of the cached features
+(`image_subsets`), drawn as the run alone would draw it.
+
+Sharding (`sharding.py`): the mesh is `(runs, data)` (`mesh_of`, rule in `sharding.mesh_shape`).
+State, keys, alpha and subsets are split along their run axis over `runs`; the cached features
+are split along images over `data` (`sharding.put_rows`) and each batch `(B, H, W, D)` is
+gathered from them (`sharding.gather_rows`) split over `data` along B, or whole on the run's
+`data` devices when their count does not divide B, so batch statistics are always those of the
+whole batch. One device is a 1x1 mesh.
 """
 import dataclasses
 import functools
