@@ -200,7 +200,7 @@ def test_run_per_device_mesh_has_no_collective_in_the_step(progress):
     assert all(re.search(r"= f32\[8\]", line) for line in gathers), gathers
 
 
-def test_features_split_over_data_devices_hold_their_rows():
+def test_per_device_bytes_of_features_split_over_data_devices():
   """Per-device bytes of the cached features: N / data rows each (10 rows padded to 12 on a
   2x4 mesh: 3 rows per device), what the memory plan counts; the batch gathered from them equals
   indexing the whole array."""
