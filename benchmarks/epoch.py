@@ -18,6 +18,16 @@ same initial heads and center as pbas_jax's run 0. One warm-up step, then `--ref
 epochs; the median is reported. The ratio compares R reference epochs (the reference trains one
 run per process) with one pbas_jax epoch of R runs. Image decoding is left out on both sides.
 
+Then, on the same features and in this process (skipped with `--runs_sweep ''`):
+  engine vs plain  one run (R = 1): the engine's epoch (one per call), the same with the
+                   per-epoch progress callback on (`Trainer(on_epoch=...)`, as the main job runs
+                   it), and a Python loop over the jitted plain `train.make_train_step` (the code
+                   before the engine), calls interleaved so that all three see the same load;
+                   the medians of `--epochs` each after one that compiles, and their ratios
+  per run          the engine's epoch of R runs trained together for each R of `--runs_sweep`
+                   (default 1,2,4,8), one epoch after one that compiles, divided by R
+For a quick run: `--images 16 --image_size 64 --epochs 2 --no_reference`.
+
 Prints `uptime` at the start and the end, the figures, and one JSON line last.
 """
 import argparse
@@ -27,9 +37,11 @@ import jax
 import numpy as np
 
 import side_by_side
+from dispatch import loop_epoch
 from pbas_jax import engine
 from pbas_jax import features as features_lib
 from pbas_jax import sharding
+from pbas_jax import train
 
 
 def pbas_jax_engine(config, features, mesh):
@@ -42,6 +54,7 @@ def pbas_jax_engine(config, features, mesh):
     on the host, and run 0's initial (params, center) as numpy arrays for the reference side.
   """
   runs = engine.runs_of(config)
+  mesh = engine.mesh_of(config, mesh.devices.flatten())
   states = engine.init_states(config, runs, features, mesh)
   run0 = jax.device_get(jax.tree.map(lambda x: x[0], (states.params, states.center)))
   trainer = engine.Trainer(config, runs, mesh)
@@ -50,6 +63,51 @@ def pbas_jax_engine(config, features, mesh):
     return trainer.train(states, features, epoch, 1)[0]
 
   return states, epoch_fn, run0
+
+
+def engine_vs_plain(config, features, mesh, epochs: int) -> dict:
+  """Seconds per epoch of one run (R = 1): the engine, the engine with its progress callback, and
+  a Python loop over the jitted plain step, interleaved; medians after one compiling epoch."""
+  config = config.copy_and_resolve_references()
+  config.train.num_runs, config.train.k_values = 1, ()
+  runs = engine.runs_of(config)
+  mesh = engine.mesh_of(config, mesh.devices.flatten())
+  reported = []
+  trainers = {"engine": engine.Trainer(config, runs, mesh),
+              "engine_progress": engine.Trainer(config, runs, mesh,
+                                                on_epoch=lambda e, m: reported.append(e))}
+  states = {name: engine.init_states(config, runs, features, mesh) for name in trainers}
+  plain = jax.jit(train.make_train_step(config), donate_argnums=0)
+  state = engine.unstack(engine.init_states(config, runs, features, mesh))[0]
+  key = engine.run_keys(runs[0].seed)[2]
+  times = {name: [] for name in (*trainers, "plain")}
+  for epoch in range(epochs + 1):  # epoch 0 compiles
+    for name, trainer in trainers.items():
+      t = time.perf_counter()
+      states[name] = trainer.train(states[name], features, epoch, 1)[0]
+      times[name].append(time.perf_counter() - t)
+    t = time.perf_counter()
+    state = loop_epoch(plain, state, features, jax.random.fold_in(key, epoch),
+                       config.dataset.batch_size)
+    jax.block_until_ready(state)
+    times["plain"].append(time.perf_counter() - t)
+  assert reported == list(range(1, epochs + 2)), reported
+  return {name: side_by_side.median(t[1:]) for name, t in times.items()}
+
+
+def per_run_epochs(config, features, mesh, runs_sweep: list[int]) -> dict:
+  """Seconds per run of one epoch of R runs trained together, for each R (after compiling)."""
+  out = {}
+  for r in runs_sweep:
+    config = config.copy_and_resolve_references()
+    config.train.num_runs, config.train.k_values = r, ()
+    states, epoch_fn, _ = pbas_jax_engine(config, features, mesh)
+    states = epoch_fn(states, 0)  # compiles
+    t = time.perf_counter()
+    states = epoch_fn(states, 1)
+    out[r] = (time.perf_counter() - t) / r
+    del states
+  return out
 
 
 def reference_epochs(reference, run0, images: np.ndarray, config, epochs: int, device: str
@@ -91,6 +149,8 @@ def main():
   parser.add_argument("--compute_dtype", default="float32", choices=("float32", "bfloat16"),
                       help="train.compute_dtype")
   parser.add_argument("--reference_epochs", type=int, default=1)
+  parser.add_argument("--runs_sweep", default="1,2,4,8",
+                      help="R values of the per-run row; '' skips it and the engine vs plain row")
   args = parser.parse_args()
   load_start = side_by_side.load()
   print(f"start: {load_start}")
@@ -137,6 +197,19 @@ def main():
   }
   print(f"pbas_jax: extraction {extract_s:.2f} s ({n} images, once), centers {init_s:.1f} s, "
         f"epoch {epoch_s:.3f} s ({args.runs} run(s), {steps} steps each)")
+  if args.runs_sweep:
+    versus = engine_vs_plain(config, features, mesh, args.epochs)
+    result["one_run"] = {name: round(x, 4) for name, x in versus.items()}
+    result["engine_over_plain"] = round(versus["engine"] / versus["plain"], 3)
+    result["progress_over_engine"] = round(versus["engine_progress"] / versus["engine"], 3)
+    print(f"one run, interleaved: engine {versus['engine']:.3f} s, engine with per-epoch "
+          f"progress {versus['engine_progress']:.3f} s, Python loop over the jitted plain step "
+          f"{versus['plain']:.3f} s per epoch; engine / plain = {result['engine_over_plain']}, "
+          f"progress on / off = {result['progress_over_engine']}")
+    per_run = per_run_epochs(config, features, mesh, [int(r) for r in args.runs_sweep.split(",")])
+    result["per_run_epoch_s"] = {str(r): round(x, 4) for r, x in per_run.items()}
+    print("per-run epoch, R runs together: " + ", ".join(
+        f"R = {r}: {x:.3f} s" for r, x in per_run.items()))
   if with_reference:
     ref_times, ref_first = reference_epochs(reference, run0, images, config,
                                             args.reference_epochs, device)

@@ -119,7 +119,9 @@ def kmeans(x: jax.Array, num_centers: int, metric: str, iters: int, key: jax.Arr
 def init_center(project: Optional[Callable[[jax.Array], jax.Array]], features: jax.Array,
                 order: jax.Array, batch_size: int, method: str = "alignment",
                 metric: str = "cosine", ema: float = 0.1, key: Optional[jax.Array] = None,
-                kmeans_iters: int = 20) -> jax.Array:
+                kmeans_iters: int = 20,
+                gather: Optional[Callable[[jax.Array, jax.Array], jax.Array]] = None
+                ) -> jax.Array:
   """Builds the center bank `(H*W, D')` in one pass over the training batches, without gradients.
 
   A pure, traceable function: the engine jits it once with the projector's parameters as an
@@ -130,8 +132,9 @@ def init_center(project: Optional[Callable[[jax.Array], jax.Array]], features: j
   Args:
     project: `(N, D) -> (N, D')`, e.g. the initial projector.
     features: `(N, H, W, D)` cached training features.
-    order: `(N,)` the loader's order (the reference shuffles; the first batch seeds
-      `alignment`/`iterative`); batches of `batch_size`, the last one partial (`loader_batches`).
+    order: `(n,)` the loader's order, indices into `features` (the reference shuffles; the first
+      batch seeds `alignment`/`iterative`): every training image once, or a subset of them;
+      batches of `batch_size`, the last one partial (`loader_batches`).
     batch_size: images per batch.
     method: `alignment` (ABL, Algorithm 1), `average` (per-position mean over the whole training
       set, Eq. 5), `iterative` (per-position EMA of batch means, no matching) or `kmeans`
@@ -140,6 +143,8 @@ def init_center(project: Optional[Callable[[jax.Array], jax.Array]], features: j
     ema: beta of the EMA (`alignment`, `iterative`).
     key: PRNG key, needed by `kmeans` only.
     kmeans_iters: Lloyd rounds for `kmeans`.
+    gather: `(features, idx (B,)) -> features[idx]` (default: indexing); the engine passes its
+      gather from features split over devices (`sharding.gather_rows`).
 
   Returns:
     `(H*W, D')` float32 center bank.
@@ -149,13 +154,14 @@ def init_center(project: Optional[Callable[[jax.Array], jax.Array]], features: j
   check_metric(metric)
   if method == "kmeans" and key is None:
     raise ValueError("model.center_init='kmeans' needs a PRNG key (init_center(..., key=...))")
-  if features.shape[0] == 0:
+  if order.shape[0] == 0:
     raise ValueError("init_center: the training set is empty")
   project = project or (lambda x: x)
-  n, h, w, dim = features.shape
+  gather = gather or (lambda features, idx: features[idx])
+  n, (_, h, w, dim) = order.shape[0], features.shape
 
   def projected(idx):  # (B,) -> (B, H*W, D')
-    x = jax.lax.stop_gradient(features[idx].astype(jnp.float32)).reshape(-1, dim)
+    x = jax.lax.stop_gradient(gather(features, idx).astype(jnp.float32)).reshape(-1, dim)
     return project(x).reshape(idx.shape[0], h * w, -1)
 
   if method == "kmeans":

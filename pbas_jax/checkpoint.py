@@ -24,8 +24,11 @@ import orbax.checkpoint as ocp
 
 # Settings that may change between a run and its resumption without invalidating its checkpoints:
 # where things live, how long to train and how to evaluate.
+# train.mesh: where the runs train, not what they compute (every layout trains the same numbers
+# to float rounding), so a run may resume on another device count.
 _RESUMABLE_KEYS = ("dataset.root", "dataset.data_dir", "dataset.classes", "backbone.cache_dir",
-                   "train.epochs", "train.checkpoint_every", "train.feature_cache", "eval")
+                   "train.epochs", "train.checkpoint_every", "train.feature_cache", "train.mesh",
+                   "eval")
 
 
 def config_hash(config: ml_collections.ConfigDict) -> str:

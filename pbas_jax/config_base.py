@@ -17,6 +17,7 @@ from pbas_jax import feature_cache
 from pbas_jax import losses
 from pbas_jax import metrics
 from pbas_jax import report
+from pbas_jax import sharding
 from pbas_jax import synthesis
 from pbas_jax import train
 
@@ -85,6 +86,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.num_runs = 1              # runs trained together (vmapped): seeds from train.seed up
   c.train.k_values = ()             # model.k of runs trained together (vmapped), each with every
                                     # seed; () = (model.k,)
+  c.train.mesh = "auto"             # devices of training, runs x data: auto (runs over
+                                    # gcd(R, devices), the rest split batches) | 'RxD', e.g. '2x4'
 
   c.eval = ml_collections.ConfigDict()
   c.eval.every_epochs = 0           # 0 = only after the last epoch
@@ -131,7 +134,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     section, name = key.split(".")
     if config[section][name] <= 0:
       raise ValueError(f"--config.{key} must be positive, got {config[section][name]}")
-  engine.runs_of(config)  # names a repeated train.k_values entry
+  sharding.parse_layout(config.train.mesh, len(engine.runs_of(config)))  # and repeated k_values
   if not config.model.rbo and config.model.scoring == "discriminator":
     raise ValueError("--config.model.rbo=False (ABL alone) trains no discriminator: set "
                      "--config.model.scoring=center_distance")

@@ -34,6 +34,7 @@ from pbas_jax import features as features_lib
 from pbas_jax import fileio
 from pbas_jax import heatmaps
 from pbas_jax import inference
+from pbas_jax import memory
 from pbas_jax import metrics as metrics_lib
 from pbas_jax import report
 from pbas_jax import sharding
@@ -113,7 +114,7 @@ def train_runs(config: ml_collections.ConfigDict, class_dir: str,
     that diverged, None and the epoch whose metrics were non-finite.
   """
   epochs, dirs = config.train.epochs, run_dirs(class_dir, runs)
-  features = sharding.put(train_split.features, sharding.replicated(mesh))  # once per device
+  features = train_split.features  # split over the mesh's data devices by the engine
   oracle = config.eval.selection == "test_oracle"
   every = config.eval.every_epochs or (1 if oracle else 0)
   chash = checkpoint.config_hash(config)
@@ -147,10 +148,16 @@ def train_runs(config: ml_collections.ConfigDict, class_dir: str,
   held_runs = np.array([d is not None and d["good_epoch"] is not None for d in diverged])
   held = ckpts.restore(states)[0] if held_runs.any() else None  # diverged runs' last good states
 
-  trainer = engine.Trainer(config, runs, mesh)
   log = curves.EpochLog(class_dir, dirs, start)
   bar = tqdm.trange(start, epochs, initial=start, total=epochs, unit="epoch",
                     desc=os.path.basename(class_dir), disable=jax.process_index() != 0)
+
+  def progress(done: int, m: dict):  # each epoch as it finishes, from inside the engine's call
+    bar.set_postfix({name: f"{m[name][0]:.3g}" for name in ("loss", "p_true", "p_fake")
+                     if name in m}, refresh=False)
+    bar.update(done - bar.n)
+
+  trainer = engine.Trainer(config, runs, mesh, on_epoch=progress)
   epoch = start
   try:
     while epoch < epochs:
@@ -185,10 +192,7 @@ def train_runs(config: ml_collections.ConfigDict, class_dir: str,
               best[r] = {"epoch": done, "score": _test_score(result)}
               best_ckpts[r].save(done, run_states[r], {"config_hash": chash, "epoch": done})
           log.write(r, record)
-      m = per_epoch[-1][0]
-      bar.set_postfix({name: f"{m[name]:.3g}" for name in ("loss", "p_true", "p_fake")
-                       if name in m}, refresh=False)
-      bar.update(stop - epoch)
+      bar.update(stop - bar.n)
       epoch = stop
       if epoch % config.train.checkpoint_every == 0 or epoch == epochs:
         ckpts.save(epoch, states, {"config_hash": chash, "epoch": epoch, "best": best,
@@ -205,14 +209,12 @@ def train_runs(config: ml_collections.ConfigDict, class_dir: str,
           for s, d, b, ckpt in zip(final, diverged, best, best_ckpts or [None] * len(runs))]
 
 
-def _train_data(config: ml_collections.ConfigDict, class_name: str
-                ) -> tuple[data.Source, np.ndarray | None, dict]:
-  """The training split, its subsample (None: every image) and what the checkpoints record as
-  trained on: the split's feature-cache key (`feature_cache.key_fields`)."""
+def _train_data(config: ml_collections.ConfigDict, class_name: str) -> tuple[data.Source, dict]:
+  """The training split and what the checkpoints record as trained on: the split's feature-cache
+  key (`feature_cache.key_fields`). Every image's features are cached; each run draws its own
+  `dataset.subsample` of them in the engine (`engine.image_subsets`)."""
   source = data.load_configured(config, class_name, "train")
-  subset = (data.subsample_indices(len(source), config.dataset.subsample, config.train.seed)
-            if config.dataset.subsample < 1 else None)
-  return source, subset, feature_cache.key_fields(source, config, subset)
+  return source, feature_cache.key_fields(source, config)
 
 
 def _note_data_change(class_name: str, class_dir: str, metas: list[dict | None], now: dict,
@@ -271,7 +273,7 @@ def run_class(config: ml_collections.ConfigDict, workdir: str, class_name: str, 
   if not config.eval.only and os.path.exists(results_path):
     logging.info("%s is finished (%s); delete it to train again", class_name, results_path)
     try:
-      now = _train_data(config, class_name)[2]
+      now = _train_data(config, class_name)[1]
     except data.DatasetError as e:
       message = f"{class_name}: could not check whether its data changed since training: {e}"
       logging.warning("%s", message)
@@ -286,6 +288,9 @@ def run_class(config: ml_collections.ConfigDict, workdir: str, class_name: str, 
 
   t0 = time.time()
   test_src = data.load_configured(config, class_name, "test")
+  train_src, trained_on = _train_data(config, class_name)
+  if not config.eval.only:  # stop before any extraction when training cannot fit
+    memory.check(config, len(train_src), features_lib.feature_shape(config), mesh, class_name)
   cropped = data.crop_losses(test_src).message()  # "" when the crop keeps every defect pixel
   if cropped:
     logging.warning("%s", cropped)
@@ -294,10 +299,10 @@ def run_class(config: ml_collections.ConfigDict, workdir: str, class_name: str, 
   features_dir = fileio.features_dir()
   test = feature_cache.load_or_extract(extractor, test_src, config, keep,
                                        f"{class_name} test features", directory=features_dir)
-  train_src, subset, trained_on = _train_data(config, class_name)
-  # The training features: to train, and for every run's decision threshold (eval.only too).
+  # Every training image: to train (each run draws its own dataset.subsample of them in the
+  # engine), and for every run's decision threshold (eval.only too).
   train_split = feature_cache.load_or_extract(
-      extractor, train_src, config, np.zeros(0, int), f"{class_name} train features", subset,
+      extractor, train_src, config, np.zeros(0, int), f"{class_name} train features",
       directory=features_dir)
   if config.eval.only:
     # Runs that diverged have no model: the training checkpoints say so.
@@ -385,7 +390,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   class_names = data.class_names(config)
   data.check_sources(config, class_names)
   fileio.check_writable(workdir, "--workdir")
-  mesh = sharding.make_mesh()
+  mesh = engine.mesh_of(config)
   main_process = jax.process_index() == 0
   if main_process:
     fileio.atomic_write(os.path.join(workdir, "config.json"),

@@ -212,6 +212,17 @@ def make_extractor(name: str, variables, layers: Sequence[str], patch_size: int,
       sharding.put(kept, sharding.replicated(mesh)))
 
 
+def feature_shape(config) -> tuple[int, int, int]:
+  """`(H, W, D)` of the configured backbone's patch features (shapes only, nothing computed)."""
+  b, size = config.backbone, config.dataset.image_size
+  module = backbones.create(b.name, tuple(b.layers))
+  images = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+  variables = jax.eval_shape(module.init, jax.random.key(0), images)
+  out = jax.eval_shape(lambda v, x: patch_features(module.apply(v, x), b.patch_size,
+                                                   b.pretrain_dim, b.target_dim), variables, images)
+  return tuple(out.shape[1:])
+
+
 def extractor_of(config, mesh: jax.sharding.Mesh) -> Callable[[jnp.ndarray], jnp.ndarray]:
   """`make_extractor` for the configured backbone (`backbone.*`), weights loaded or converted."""
   b = config.backbone

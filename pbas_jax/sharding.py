@@ -1,15 +1,24 @@
-"""Data parallelism: a 1-D device mesh, shardings of state and batches, and their placement.
+"""The device mesh `(runs, data)`, shardings of runs, batches and features, and their placement.
 
-Every device holds a replica of the train state (and of the cached features); batches are split
-along their leading axis over the mesh's `data` axis. `jax.jit` with explicit `in_shardings` /
-`out_shardings` then runs one SPMD program on all devices, XLA adding the all-reduces that batch
-means need, so the maths is that of one device on the whole batch (up to float summation order).
+The mesh is 2-D (one device: a 1x1 mesh). Training places its R runs along `runs` (the train
+state, keys and hyperparameters are split along their leading run axis: `run_sharding`), and the
+devices of one `runs` slot split each batch along `data`; `jax.jit` with explicit `in_shardings` /
+`out_shardings` runs one SPMD program, XLA adding the all-reduces that batch means need over
+`data` only, so the maths is that of one device on the whole batch (up to float summation order).
+With `data` of size 1 (e.g. 8 runs on 8 devices) a run's step needs no collective at all.
+The layout follows from R and the device count (`mesh_shape`): `runs` = gcd(R, devices), or
+`train.mesh='RxD'`.
+
+The cached training features are split along their rows over `data` (`put_rows`: each device
+holds N / data rows, zero-padded, never read), and a batch is gathered from them by `gather_rows`
+(each device takes the rows it holds, the sum over `data` assembles the batch: exact).
 
 A batch whose size the device count does not divide cannot be split evenly:
 - per-image functions (feature extraction, inference) pad it with zero rows and drop their outputs
-  (`jit_per_example`);
+  (`jit_per_example`); they split over every device of the mesh (`batch_sharding`);
 - the train step computes batch means and the discriminator's BatchNorm over the joint batch, so
-  padding would change its maths; that batch runs replicated instead (`batch_layout`).
+  padding would change its maths; a batch that `data` does not divide stays whole on the devices
+  of its run.
 
 Multi-host (one process per GPU under SLURM `srun`): `initialize_distributed` joins the processes,
 and `global_batch` assembles a global array from each process's own rows of a batch. A process
@@ -17,7 +26,9 @@ reads and decodes only the rows of a batch that its devices hold (`example_rows`
 a per-example function as such (`jit_per_example(...)(..., global_rows=n)`).
 """
 import functools
+import math
 import os
+import re
 from typing import Any, Callable
 
 import jax
@@ -26,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+RUNS = "runs"
 DATA = "data"
 
 
@@ -50,25 +62,109 @@ def initialize_distributed() -> bool:
   return True
 
 
-def make_mesh(devices=None) -> Mesh:
-  """A 1-D mesh with axis `data` over `devices` (default: all devices of all processes)."""
-  devices = jax.devices() if devices is None else devices
-  return Mesh(np.asarray(devices), (DATA,))
+def parse_layout(layout: str, num_runs: int) -> tuple[int, int] | None:
+  """`train.mesh`: None for `auto`, else its `(runs, data)` sizes, runs dividing `num_runs`."""
+  if layout == "auto":
+    return None
+  match = re.fullmatch(r"(\d+)x(\d+)", layout)
+  if not match or int(match[1]) < 1 or int(match[2]) < 1:
+    raise ValueError(f"--config.train.mesh={layout!r}: use 'auto' or 'RxD' (runs x data "
+                     "devices, e.g. '2x4')")
+  runs, data = int(match[1]), int(match[2])
+  if num_runs % runs:
+    raise ValueError(f"--config.train.mesh={layout!r} places runs over {runs} devices, which "
+                     f"does not divide the {num_runs} run(s) (train.num_runs x train.k_values): "
+                     "use 'auto' or a runs size that divides them")
+  return runs, data
+
+
+def mesh_shape(layout: str, num_runs: int, num_devices: int) -> tuple[int, int]:
+  """`(runs, data)` sizes of the training mesh (`train.mesh`).
+
+  `auto`: runs = gcd(R, devices), data = devices / runs: R runs on R devices one per device, a
+  single run splits its batches over every device, 2 runs on 8 devices are 2 x 4, 12 runs on 8
+  devices 4 x 2 (3 runs per device). `'RxD'`: that layout; R x D must be the device count and R
+  must divide the number of runs.
+  """
+  fixed = parse_layout(layout, num_runs)
+  if fixed is None:
+    runs = math.gcd(num_runs, num_devices)
+    return runs, num_devices // runs
+  if fixed[0] * fixed[1] != num_devices:
+    raise ValueError(f"--config.train.mesh={layout!r} needs {fixed[0] * fixed[1]} devices, "
+                     f"there are {num_devices}: use 'auto' or a layout R x D = {num_devices}")
+  return fixed
+
+
+def make_mesh(devices=None, runs: int = 1) -> Mesh:
+  """A `(runs, data)` mesh over `devices` (default: all devices of all processes) in their order,
+  `runs` rows of `len(devices) / runs` devices (see `mesh_shape`)."""
+  devices = np.asarray(jax.devices() if devices is None else devices)
+  if devices.size % runs:
+    raise ValueError(f"a runs axis of {runs} does not divide {devices.size} devices")
+  return Mesh(devices.reshape(runs, devices.size // runs), (RUNS, DATA))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
-  """Every device holds the whole array (the train state, cached features, keys, metrics)."""
+  """Every device holds the whole array (parameters of inference, keys of one run, metrics)."""
   return NamedSharding(mesh, PartitionSpec())
 
 
 def batch_sharding(mesh: Mesh, axis: int = 0) -> NamedSharding:
-  """The batch axis (`axis`, default the leading one) split over the devices, other axes whole."""
-  return NamedSharding(mesh, PartitionSpec(*(None,) * axis, DATA))
+  """The batch axis (`axis`, default the leading one) split over every device, other axes whole."""
+  return NamedSharding(mesh, PartitionSpec(*(None,) * axis, mesh.axis_names))
 
 
-def batch_layout(mesh: Mesh, rows: int, axis: int = 0) -> NamedSharding:
-  """`batch_sharding` when the device count divides `rows`, else `replicated` (see module doc)."""
-  return batch_sharding(mesh, axis) if rows % mesh.size == 0 else replicated(mesh)
+def run_sharding(mesh: Mesh) -> NamedSharding:
+  """The leading run axis split over `runs` (train state, keys, hyperparameters, subsets)."""
+  return NamedSharding(mesh, PartitionSpec(RUNS))
+
+
+def rows_sharding(mesh: Mesh) -> NamedSharding:
+  """The leading (image) axis split over `data`, whole over `runs` (cached training features)."""
+  return NamedSharding(mesh, PartitionSpec(DATA))
+
+
+def put_rows(x, mesh: Mesh) -> jax.Array:
+  """`x (N, ...)` zero-padded to a multiple of the `data` size and split over `data`
+  (`rows_sharding`): each device holds `ceil(N / data)` rows. The padding rows are never
+  gathered (the engine draws indices below N)."""
+  target, rows = rows_sharding(mesh), x.shape[0] + (-x.shape[0] % mesh.shape[DATA])
+  if isinstance(x, jax.Array) and not (x.is_fully_addressable and jax.process_count() > 1):
+    return jax.device_put(_pad_to(x, rows), target)
+  x = np.asarray(x)  # from the host: each device gets its rows, padding made per shard
+
+  def shard(index):
+    part = x[index[0]]
+    return _pad_to(part, len(range(*index[0].indices(rows))))[(slice(None), *index[1:])]
+
+  return jax.make_array_from_callback((rows, *x.shape[1:]), target, shard)
+
+
+def gather_rows(features: jax.Array, idx: jax.Array, mesh: Mesh) -> jax.Array:
+  """`features[idx]` for `features (N', ...)` split over `data` (`put_rows`), `idx (B,)`.
+
+  Each device takes the rows it holds (zeros elsewhere) and the sum over `data` assembles the
+  batch, so no device ever holds more than its rows of the features. The batch `(B, ...)` comes
+  out split over `data` when that divides B (else whole on every device of `data`). Traced inside
+  the engine's per-run map (`jax.vmap(..., spmd_axis_name=RUNS)` adds the run axis).
+  """
+  data = mesh.shape[DATA]
+  split = idx.shape[0] % data == 0
+
+  def local(rows, idx):
+    if data == 1:
+      return rows[idx]
+    at = idx - jax.lax.axis_index(DATA) * rows.shape[0]
+    mine = (at >= 0) & (at < rows.shape[0])
+    taken = rows[jnp.where(mine, at, 0)]
+    taken = jnp.where(mine.reshape(-1, *(1,) * (taken.ndim - 1)), taken, jnp.zeros_like(taken))
+    if split:
+      return jax.lax.psum_scatter(taken, DATA, scatter_dimension=0, tiled=True)
+    return jax.lax.psum(taken, DATA)
+
+  return jax.shard_map(local, mesh=mesh, in_specs=(PartitionSpec(DATA), PartitionSpec()),
+                       out_specs=PartitionSpec(DATA if split else None))(features, idx)
 
 
 def pad_rows(x, multiple: int):

@@ -11,6 +11,7 @@ import pytest
 import data_trees
 from pbas_jax import checkpoint
 from pbas_jax import config_base
+from pbas_jax import data
 from pbas_jax import engine
 from pbas_jax import experiment
 from pbas_jax import feature_cache
@@ -224,6 +225,55 @@ def test_parameter_averaging_is_a_per_step_ema_used_for_scoring(one_device):
                                                        features[:2]))
   off = engine.unstack(engine.init_states(_config(), [run], jnp.asarray(features), one_device))[0]
   assert off.ema_params is None  # off by default: nothing extra in the state
+
+
+def test_subsampled_runs_each_draw_their_own_images_as_if_alone(tmp_path, one_device):
+  """dataset.subsample < 1: run r of R (here 2 runs on a 2x4 mesh) trains on its own seed's
+  subset, equal to that seed trained alone, equal to training on only those images' features."""
+  features = clustered(6, n=12)
+  config = _config(num_runs=2)
+  config.dataset.subsample = 0.5
+  runs = engine.runs_of(config)
+  subsets = engine.image_subsets(config, runs, 12)
+  assert subsets.shape == (2, 6) and not np.array_equal(subsets[0], subsets[1])
+  for run, subset in zip(runs, subsets, strict=True):
+    np.testing.assert_array_equal(subset, data.subsample_indices(12, 0.5, run.seed))
+  mesh = engine.mesh_of(config)
+  assert mesh.shape == {"runs": 2, "data": 4}
+  together = experiment.train_runs(config, str(tmp_path / "together"), _split(features), None,
+                                   runs, mesh)
+  for r, (run, (state, _)) in enumerate(zip(runs, together, strict=True)):
+    alone_config = _config(seed=run.seed)
+    alone_config.dataset.subsample = 0.5
+    [(alone, _)] = experiment.train_runs(alone_config, str(tmp_path / f"alone{r}"),
+                                         _split(features), None, [run], one_device)
+    assert_states_close(state, alone)
+    [(chosen, _)] = experiment.train_runs(_config(seed=run.seed), str(tmp_path / f"chosen{r}"),
+                                          _split(features[subsets[r]]), None, [run], one_device)
+    assert_states_close(alone, chosen)
+  [(full, _)] = experiment.train_runs(_config(), str(tmp_path / "full"), _split(features), None,
+                                      runs[:1], one_device)
+  assert not np.allclose(full.center, together[0][0].center)  # the subsample really applies
+
+
+def test_progress_reports_each_epoch_from_inside_a_call():
+  """The on_epoch hook sees every epoch of a 3-epoch call as it finishes, with the metrics the
+  call returns (2 runs on the 8-device mesh)."""
+  config = _config(num_runs=2)
+  features = clustered(7, n=10)
+  runs = engine.runs_of(config)
+  mesh = engine.mesh_of(config)
+  calls = []
+  trainer = engine.Trainer(config, runs, mesh,
+                           on_epoch=lambda epoch, m: calls.append((epoch, dict(m))))
+  states = engine.init_states(config, runs, features, mesh)
+  _, history = trainer.train(states, features, 2, 3)
+  assert [epoch for epoch, _ in calls] == [3, 4, 5]
+  for (_, reported), per_run in zip(calls, history, strict=True):
+    assert reported.keys() == per_run[0].keys()
+    for name, values in reported.items():
+      assert values.shape == (2,)
+      np.testing.assert_array_equal(values, np.float32([m[name] for m in per_run]))
 
 
 @pytest.mark.slow

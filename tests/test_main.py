@@ -20,6 +20,7 @@ from pbas_jax import engine
 from pbas_jax import experiment
 from pbas_jax import feature_cache
 from pbas_jax import features as features_lib
+from pbas_jax import memory
 from pbas_jax import report
 from pbas_jax import sharding
 from pbas_jax import trained
@@ -228,6 +229,22 @@ def test_bad_config_values_are_named(tmp_path, key, value, message):
   with pytest.raises(ValueError) as err:
     experiment.train_and_evaluate(config, str(tmp_path / "run"))
   assert message in str(err.value)
+
+
+def test_memory_plan_that_cannot_fit_stops_before_extraction(tmp_path, monkeypatch):
+  root = _tree(tmp_path / "raw")
+  config = smoke_config(**{"dataset.root": str(root), "dataset.classes": "bottle",
+                           "dataset.data_dir": str(tmp_path / "tfds"),
+                           "train.feature_cache": "off"})
+  monkeypatch.setattr(memory, "device_limit", lambda mesh: 1024)  # a device of 1 KiB
+
+  def extract(*args, **kwargs):
+    raise AssertionError("extraction started")
+
+  monkeypatch.setattr(feature_cache, "extract_split", extract)
+  with pytest.raises(MemoryError, match="bottle: training needs .* the device has 0.00 GiB: use "
+                                        "--config.train.cache_dtype=bfloat16"):
+    experiment.train_and_evaluate(config, str(tmp_path / "run"))
 
 
 def test_unknown_class_and_missing_root_are_named(tmp_path):

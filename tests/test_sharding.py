@@ -2,6 +2,7 @@
 import json
 import os
 import pathlib
+import re
 import socket
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from pbas_jax import data
 from pbas_jax import engine
 from pbas_jax import features as features_lib
 from pbas_jax import inference
+from pbas_jax import memory
 from pbas_jax import metrics as metrics_lib
 from pbas_jax import report
 from pbas_jax import sharding
@@ -80,9 +82,10 @@ def initial_state(config, features, mesh=None, seed=0):
 
 
 def test_layouts(mesh):
-  assert sharding.batch_layout(mesh, 16) == sharding.batch_sharding(mesh)
-  assert sharding.batch_layout(mesh, 6) == sharding.replicated(mesh)
-  assert sharding.batch_sharding(mesh, axis=1).spec == jax.sharding.PartitionSpec(None, "data")
+  assert mesh.shape == {"runs": 1, "data": 8}
+  assert sharding.batch_sharding(mesh).spec == jax.sharding.PartitionSpec(("runs", "data"))
+  assert sharding.batch_sharding(mesh, axis=1).spec == jax.sharding.PartitionSpec(
+      None, ("runs", "data"))
   x = np.arange(30, dtype=np.float32).reshape(10, 3)
   padded = sharding.pad_rows(x, 8)
   assert padded.shape == (16, 3)
@@ -91,28 +94,143 @@ def test_layouts(mesh):
   assert sharding.pad_rows(jnp.asarray(x[:8]), 8).shape == (8, 3)
 
 
-@pytest.mark.parametrize("batch_size", [
-    8,  # 10 images: a step of 8 split over the 8 devices, then a last step of 2, replicated
-    6,  # steps of 6 and 4 images on 8 devices: replicated
+def test_mesh_shape_rule_and_settings():
+  auto = {(r, d): sharding.mesh_shape("auto", r, d) for r in (1, 2, 3, 8, 12) for d in (1, 8)}
+  assert auto == {(1, 1): (1, 1), (2, 1): (1, 1), (3, 1): (1, 1), (8, 1): (1, 1), (12, 1): (1, 1),
+                  (1, 8): (1, 8), (2, 8): (2, 4), (3, 8): (1, 8), (8, 8): (8, 1), (12, 8): (4, 2)}
+  assert sharding.mesh_shape("2x4", 6, 8) == (2, 4)
+  with pytest.raises(ValueError, match="train.mesh='2x2' needs 4 devices, there are 8"):
+    sharding.mesh_shape("2x2", 2, 8)
+  with pytest.raises(ValueError, match="does not divide the 3 run"):
+    sharding.mesh_shape("2x4", 3, 8)
+  with pytest.raises(ValueError, match="'auto' or 'RxD'"):
+    sharding.mesh_shape("2by4", 2, 8)
+  config = small_config()
+  config.dataset.root = "/data"
+  config.train.mesh = "four"
+  with pytest.raises(ValueError, match="train.mesh"):
+    config_base.validate(config)
+  config.train.mesh, config.train.num_runs = "4x2", 2
+  with pytest.raises(ValueError, match="does not divide the 2 run"):
+    config_base.validate(config)
+
+
+def test_mesh_of_config_places_runs_by_the_rule():
+  config = small_config()
+  config.train.num_runs = 2
+  assert engine.mesh_of(config).shape == {"runs": 2, "data": 4}
+  config.train.mesh = "1x8"
+  assert engine.mesh_of(config).shape == {"runs": 1, "data": 8}
+
+
+_ONE_DEVICE = {}
+
+
+def _trained(config, runs, mesh, features, epochs=2):
+  states = engine.init_states(config, runs, features, mesh)
+  return engine.Trainer(config, runs, mesh).train(states, features, 0, epochs)
+
+
+@pytest.mark.parametrize("num_runs,layout,batch_size", [
+    (8, "1x8", 8),  # 10 images: a step of 8 split over the data devices, then a step of 2 whole
+    (8, "2x4", 8),
+    (8, "4x2", 8),
+    (8, "8x1", 8),  # one run per device
+    (2, "1x8", 8),
+    (2, "2x4", 8),
+    (2, "2x4", 6),  # steps of 6 and 4 images, 4 data devices: the 6 whole, the 4 split
 ])
-def test_sharded_train_epochs_equal_one_device(mesh, batch_size):
+def test_mesh_layouts_equal_one_device(num_runs, layout, batch_size):
   config = small_config()
   config.dataset.batch_size = batch_size
-  features = clustered(0, n=10)
-  runs = [engine.Run(0, 0.25), engine.Run(1, 0.5)]
-  one = sharding.make_mesh(jax.devices()[:1])
-  trained = {}
-  for name, m in (("single", one), ("sharded", mesh)):
-    states = engine.init_states(config, runs, jnp.asarray(features), m)
-    trained[name] = engine.Trainer(config, runs, m).train(states, features, 0, 2)
-  (single, m_single), (sharded, m_sharded) = trained["single"], trained["sharded"]
+  features = clustered(0, n=10)  # rows padded to a multiple of the data devices
+  runs = [engine.Run(r // 2, 0.25 + 0.25 * (r % 2)) for r in range(num_runs)]
+  key = (num_runs, batch_size)
+  if key not in _ONE_DEVICE:
+    _ONE_DEVICE[key] = _trained(config, runs, sharding.make_mesh(jax.devices()[:1]), features)
+  single, m_single = _ONE_DEVICE[key]
+  mesh = sharding.make_mesh(runs=sharding.mesh_shape(layout, num_runs, 8)[0])
+  assert "x".join(map(str, mesh.devices.shape)) == layout
+  sharded, m_sharded = _trained(config, runs, mesh, features)
   for epoch_single, epoch_sharded in zip(m_single, m_sharded, strict=True):
     for run_single, run_sharded in zip(epoch_single, epoch_sharded, strict=True):
       for name in run_single:
         np.testing.assert_allclose(run_sharded[name], run_single[name], rtol=1e-5, atol=1e-6)
-  assert sharded.params["projector"]["layer0"]["kernel"].sharding == sharding.replicated(mesh)
+  assert sharded.params["projector"]["layer0"]["kernel"].sharding == sharding.run_sharding(mesh)
   for a, b in zip(engine.unstack(sharded), engine.unstack(single), strict=True):
     assert_states_close(a, b)
+
+
+def test_memory_plan_that_cannot_fit_stops_naming_the_settings_that_help(monkeypatch):
+  config = small_config()
+  mesh = sharding.make_mesh()
+  plan = memory.check(config, 10, (4, 4, 32), mesh, "part")  # CPU: no limit reported, no stop
+  assert plan["bytes_limit"] is None and plan["total"] > plan["features_per_device"] > 0
+  monkeypatch.setattr(memory, "device_limit", lambda mesh: plan["total"] - 1)
+  with pytest.raises(MemoryError, match=r"part: .*train.cache_dtype=bfloat16.*more devices.*"
+                                        r"dataset.image_size"):
+    memory.check(config, 10, (4, 4, 32), mesh, "part")
+  monkeypatch.setattr(memory, "device_limit", lambda mesh: plan["total"])
+  memory.check(config, 10, (4, 4, 32), mesh, "part")
+
+
+COLLECTIVES = re.compile(r"\b(all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute|"
+                         r"collective-broadcast)(-start)?\(")
+
+
+@pytest.mark.parametrize("progress", [False, True])
+def test_run_per_device_mesh_has_no_collective_in_the_step(progress):
+  """8 runs on 8 devices (8x1): every run's steps stay on its device. With the progress callback,
+  the only collective is the gather of the epoch's (R,) metrics for the host."""
+  config = small_config()
+  config.dataset.batch_size = 8
+  features = clustered(1, n=10)
+  runs = [engine.Run(r, 0.25) for r in range(8)]
+  compiled = {}
+  for layout in ("8x1", "1x8"):
+    mesh = sharding.make_mesh(runs=sharding.mesh_shape(layout, 8, 8)[0])
+    trainer = engine.Trainer(config, runs, mesh,
+                             on_epoch=(lambda epoch, metrics: None) if progress else None)
+    trainer.train(engine.init_states(config, runs, features, mesh), features, 0, 1)
+    compiled[layout] = trainer.compiled(1).as_text()
+  found = {layout: {m[0] for m in COLLECTIVES.findall(text)} for layout, text in compiled.items()}
+  assert "all-reduce" in found["1x8"]  # batches split over 8 devices: batch means all-reduced
+  assert found["8x1"] == ({"all-gather"} if progress else set()), found["8x1"]
+  if progress:
+    gathers = [line for line in compiled["8x1"].splitlines()
+               if COLLECTIVES.search(line) and "=" in line]
+    assert all(re.search(r"= f32\[8\]", line) for line in gathers), gathers
+
+
+def test_per_device_bytes_of_features_split_over_data_devices():
+  """Per-device bytes of the cached features: N / data rows each (10 rows padded to 12 on a
+  2x4 mesh: 3 rows per device), what the memory plan counts; the batch gathered from them equals
+  indexing the whole array."""
+  features = clustered(2, n=10)
+  mesh = sharding.make_mesh(runs=2)
+  for source in (features, jnp.asarray(features)):
+    placed = sharding.put_rows(source, mesh)
+    row_bytes = features[0].nbytes
+    assert placed.shape == (12, *features.shape[1:])
+    assert {shard.data.nbytes for shard in placed.addressable_shards} == {3 * row_bytes}
+    assert len(placed.addressable_shards) == 8
+    np.testing.assert_array_equal(np.asarray(placed)[:10], features)
+    assert not np.asarray(placed)[10:].any()
+  config = small_config()
+  config.train.num_runs = 2
+  plan = memory.plan(config, n_images=10, feature_shape=features.shape[1:], mesh=mesh)
+  assert plan["features_per_device"] == 3 * row_bytes
+  one = memory.plan(config, n_images=10, feature_shape=features.shape[1:],
+                    mesh=sharding.make_mesh(jax.devices()[:1]))
+  assert one["features_per_device"] == 10 * row_bytes
+  assert one["state_per_device"] == 2 * plan["state_per_device"]  # 2 runs vs 1 per device
+  config.train.cache_dtype = "bfloat16"
+  assert memory.plan(config, 10, features.shape[1:], mesh)["features_per_device"] == (
+      3 * row_bytes // 2)
+  idx = jnp.asarray([9, 0, 4, 4, 7, 1, 2, 3], jnp.int32)
+  for size in (8, 6):  # split over the 4 data devices, and whole
+    batch = jax.jit(lambda f, i: sharding.gather_rows(f, i, mesh))(placed, idx[:size])
+    np.testing.assert_array_equal(np.asarray(batch), features[np.asarray(idx[:size])])
 
 
 def test_sharded_inference_equals_one_device(mesh):
