@@ -59,6 +59,17 @@ def mvtec_tree(root: pathlib.Path, class_name: str = "bottle", *, n_train: int =
   return root
 
 
+def noisy_mvtec_tree(root: pathlib.Path, *, n_train: int, test, size) -> pathlib.Path:
+  """`mvtec_tree` of class `bottle` whose images are random noise (seed 0), so that features and
+  scores differ between images; masks as `mvtec_tree` draws them. size: (width, height)."""
+  mvtec_tree(root, "bottle", n_train=n_train, test=test, size=size)
+  rng = np.random.default_rng(0)
+  for path in sorted(root.glob("bottle/*/*/*.png")):
+    if "ground_truth" not in path.parts:
+      write_image(path, rng.integers(0, 255, (size[1], size[0], 3)))
+  return root
+
+
 def visa_tree(root: pathlib.Path, classes=("candle", "pcb1"), *, n_train: int = 3,
               n_normal: int = 2, n_anomaly: int = 2, size=(48, 36)) -> pathlib.Path:
   """VisA 1cls layout: JPEG images, PNG masks, split_csv/1cls.csv; returns root."""

@@ -117,13 +117,7 @@ def test_threshold_missing_writes_scores_without_decisions(tmp_path):
 
 
 def _make_tree(root: pathlib.Path) -> pathlib.Path:
-  data_trees.mvtec_tree(root, "bottle", n_train=8, test=(("good", 3), ("crack", 3)),
-                        size=(40, 48))
-  rng = np.random.default_rng(0)
-  for path in sorted(root.glob("bottle/*/*/*.png")):
-    if "ground_truth" not in path.parts:
-      data_trees.write_image(path, rng.integers(0, 255, (48, 40, 3)))
-  return root
+  return data_trees.noisy_mvtec_tree(root, n_train=8, test=(("good", 3), ("crack", 3)), size=(40, 48))
 
 
 BACKBONES = {

@@ -67,13 +67,7 @@ def test_saving_a_saved_epoch_again_keeps_or_replaces_it(tmp_path):
 
 
 def _tree(root: pathlib.Path) -> pathlib.Path:
-  data_trees.mvtec_tree(root, "bottle", n_train=6, test=(("good", 2), ("crack", 2)),
-                        size=(40, 40))
-  rng = np.random.default_rng(0)
-  for path in sorted(root.glob("bottle/*/*/*.png")):
-    if "ground_truth" not in path.parts:
-      data_trees.write_image(path, rng.integers(0, 255, (40, 40, 3)))
-  return root
+  return data_trees.noisy_mvtec_tree(root, n_train=6, test=(("good", 2), ("crack", 2)), size=(40, 40))
 
 
 def _config(root: pathlib.Path, **changes):
