@@ -389,12 +389,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # Bad data or an unwritable workdir fail here, before anything is written.
   class_names = data.class_names(config)
   data.check_sources(config, class_names)
-  fileio.check_writable(workdir, "--workdir")
-  mesh = engine.mesh_of(config)
   main_process = jax.process_index() == 0
-  if main_process:
+  if main_process:  # the writer of results; the other processes write only orbax's shares there
+    fileio.check_writable(workdir, "--workdir")
     fileio.atomic_write(os.path.join(workdir, "config.json"),
                         config.to_json_best_effort(indent=2))
+  mesh = engine.mesh_of(config)
   notes = []
   if config.backbone.weights == "random":
     notes.append(f"backbone weights are random (seed {config.backbone.seed}): the numbers are "
